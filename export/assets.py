@@ -1,0 +1,50 @@
+"""The non-graph files of an artifact: tokenizer, chat template, preprocessing config, embedding table."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from vtc.runtime.errors import ModelError
+from vtc.runtime.preprocess import ImagePreprocessor
+from vtc.runtime.text import find_chat_template
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def _eos_ids(src: Path, model) -> list[int]:
+    """EOS ids as HF generate would use them: generation_config.json first, then the text config."""
+    gen = src / "generation_config.json"
+    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    if eos is None:
+        eos = getattr(model.generation_config, "eos_token_id", None) or model.config.text_config.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
+def write(out: Path, src: Path, adapter, model) -> dict:
+    """Copy/derive the side files into `out`; returns the manifest fields they fill."""
+    src = Path(src)
+    if not (src / "tokenizer.json").is_file():
+        raise ModelError(f"{src} has no tokenizer.json (the fast-tokenizer file vtc's runtime reads).",
+                         "Save the checkpoint's fast tokenizer: AutoTokenizer.from_pretrained(dir).save_pretrained(dir).")
+    pre_path = src / "preprocessor_config.json"
+    if not pre_path.is_file():
+        raise ModelError(f"{src} has no preprocessor_config.json (the image processor config).",
+                         "Save the checkpoint's image processor with save_pretrained into the same directory.")
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    template = find_chat_template(src)
+    if template is not None:
+        (out / "chat_template.jinja").write_text(template)
+    preprocess = ImagePreprocessor.from_config(json.loads(pre_path.read_text())).to_dict()
+    table = adapter.embed_table(model).float().numpy()  # [V, D]
+    np.save(out / "embed_tokens.npy", np.ascontiguousarray(table), allow_pickle=False)
+    return {"chat_template": "chat_template.jinja" if template is not None else None,
+            "eos_token_ids": _eos_ids(src, model), "preprocess": preprocess,
+            "embeddings": {"file": "embed_tokens.npy", "dtype": "float32", "shape": list(table.shape)}}

@@ -1,0 +1,173 @@
+"""`vtc-export build`: checkpoint -> compressed, validated artifact directory.
+
+Every check that can fail fast runs before any export work (ratio, method, options, model, output).
+The artifact is written into a temporary sibling directory and renamed into place only after parity
+passed and the manifest (written last) is complete; any failure or Ctrl-C removes the temporary dir.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from vtc.runtime.errors import ModelError, UsageError
+
+DEFAULT_METHOD = "pool"
+DEFAULT_RATIO = 0.25
+DEFAULT_TEXT_BUDGET = 128
+DEFAULT_MAX_SEQ_LEN = 1024
+
+
+@dataclass(frozen=True)
+class BuildArgs:
+    """Exactly what the user asked for; recorded verbatim in the manifest (`build_args`)."""
+
+    model: str | None = None  # None = the built-in demo model
+    method: str = DEFAULT_METHOD
+    ratio: float | None = None  # None = 0.25, or 1.0 for method "none"
+    method_options: dict = field(default_factory=dict)
+    output: str | None = None
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    text_budget: int = DEFAULT_TEXT_BUDGET
+    force: bool = False
+    parity_tokens: int = 8
+
+
+@dataclass
+class Built:
+    path: Path
+    manifest: object
+    demo: bool
+
+
+def effective_ratio(args: BuildArgs) -> tuple[str, float]:
+    """(method, ratio) after defaults: ratio 1.0 means no compression whatever the method."""
+    if args.ratio is not None and not (0.0 < args.ratio <= 1.0):
+        raise UsageError(f"--ratio {args.ratio} is out of range: it is the fraction of visual tokens KEPT.",
+                         "Pass 0 < ratio <= 1 (e.g. --ratio 0.25 keeps 25%; 1.0 keeps all).")
+    if args.method == "none":
+        if args.ratio not in (None, 1.0):
+            raise UsageError(f"--method none keeps every visual token, but --ratio {args.ratio} was given.",
+                             "Drop --ratio, or choose a compression method (`vtc-export list`).")
+        return "none", 1.0
+    ratio = DEFAULT_RATIO if args.ratio is None else args.ratio
+    return ("none" if ratio == 1.0 else args.method), ratio
+
+
+def default_output(model_name: str, method: str, ratio: float) -> Path:
+    return Path("artifacts") / f"{model_name}-{method}-r{ratio:g}"
+
+
+def _check_sizes(args: BuildArgs) -> None:
+    for name, v in (("--max-seq-len", args.max_seq_len), ("--text-budget", args.text_budget)):
+        if v < 1:
+            raise UsageError(f"{name} must be a positive number of tokens (got {v}).", "Pass a positive integer.")
+
+
+def prepare(args: BuildArgs, step: Callable) -> dict:
+    """All validation, model loading and planning; no file is written."""
+    from vtc.export import methods, models
+    from vtc.export.demo import ensure_demo_checkpoint, is_demo
+
+    _check_sizes(args)
+    method_name, ratio = effective_ratio(args)
+    method = methods.get(args.method)  # unknown names fail here, before anything else
+    if method_name == "none":
+        method = methods.get("none")
+    method.parse_options(args.method_options)
+    with step("demo checkpoint" if args.model is None else "checking checkpoint"):
+        src = ensure_demo_checkpoint() if args.model is None else Path(args.model).expanduser()
+        adapter = models.resolve(src)
+    demo = is_demo(src)
+    name = "demo-llava" if demo else src.resolve().name
+    out = Path(args.output) if args.output else default_output(name, method.name, ratio)
+    if out.exists() and not args.force:
+        raise UsageError(f"output directory {out} already exists.", "Pass --force to replace it, or choose --output.")
+    with step(f"loading {adapter.model_type} checkpoint"):
+        model = adapter.load(src)
+    spec = adapter.visual_spec(model)
+    plan = method.plan(spec, ratio, dict(args.method_options))
+    if args.max_seq_len < plan.k + args.text_budget + 1:
+        raise UsageError(f"--max-seq-len {args.max_seq_len} cannot hold {plan.k} visual + {args.text_budget} text "
+                         "tokens and one generated token.",
+                         f"Pass --max-seq-len {plan.k + args.text_budget + 256} or lower --text-budget.")
+    return dict(src=src, adapter=adapter, model=model, method=method, plan=plan, spec=spec, out=out, demo=demo)
+
+
+def build(args: BuildArgs, step: Callable) -> Built:
+    """Run the whole build. `step(label)` is a context manager the caller uses to show progress."""
+    ctx = prepare(args, step)
+    out: Path = ctx["out"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        manifest = _write_artifact(tmp, args, ctx, step)
+        _move_into_place(tmp, out)
+    except BaseException:  # includes KeyboardInterrupt: never leave a partial artifact behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Built(path=out, manifest=manifest, demo=ctx["demo"])
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{dt.datetime.now().strftime('%H%M%S%f')}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _write_artifact(tmp: Path, args: BuildArgs, ctx: dict, step: Callable):
+    from vtc.export import assets, onnx_export, parity
+    from vtc.runtime import manifest as mf
+
+    adapter, model, method, plan, spec = (ctx[k] for k in ("adapter", "model", "method", "plan", "spec"))
+    lm_spec = adapter.lm_spec(model)
+    with step(f"exporting vision encoder + projector + {method.name} ({plan.k} of {plan.n} tokens)"):
+        vision = onnx_export.VisionGraph(adapter, model, method, plan, spec)
+        vision_spec = onnx_export.export_vision(vision, adapter.image_size(model), tmp / "vision.onnx")
+    with step("exporting language model (prefill + decode, static KV cache)"):
+        profiles = {"prefill": {"seq": [plan.k + 1, plan.k + args.text_budget], "past_seq": 0},
+                    "decode": {"seq": 1, "past_seq": args.max_seq_len}}
+        llm_spec = onnx_export.export_llm(adapter.static_cache_lm(model), lm_spec.num_kv_heads,
+                                          lm_spec.hidden_size, tmp / "llm.onnx", profiles)
+    with step("writing tokenizer, preprocessing and embeddings"):
+        side = assets.write(tmp, ctx["src"], adapter, model)
+    draft = _manifest(args, ctx, lm_spec, {"vision": vision_spec, "llm": llm_spec}, side, parity={}, files={})
+    (tmp / mf.MANIFEST).write_text(draft.to_json())
+    with step(f"checking parity against PyTorch ({args.parity_tokens} greedy tokens)"):
+        report = parity.check(tmp, adapter, model, method, plan, spec, max_new_tokens=args.parity_tokens)
+        parity.raise_if_failed(report)
+    (tmp / mf.MANIFEST).unlink()
+    final = _manifest(args, ctx, lm_spec, {"vision": vision_spec, "llm": llm_spec}, side, report, mf.file_table(tmp))
+    (tmp / mf.MANIFEST).write_text(final.to_json())  # last: its presence marks a complete artifact
+    return final
+
+
+def _manifest(args, ctx, lm_spec, graphs, side: dict, parity: dict, files: dict):
+    import vtc.export as pkg
+    from vtc.runtime import manifest as mf
+
+    plan, spec, adapter, model = ctx["plan"], ctx["spec"], ctx["adapter"], ctx["model"]
+    per_token = lm_spec.num_layers * 2 * lm_spec.num_kv_heads * lm_spec.head_dim * 4
+    return mf.Manifest(
+        schema=mf.SCHEMA, schema_version=mf.SCHEMA_VERSION, vtc_version=pkg.__version__,
+        created_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        build_args=json.loads(json.dumps(asdict(args))),
+        model=mf.ModelInfo(architecture=adapter.model_type, source=str(Path(ctx["src"]).resolve()), demo=ctx["demo"],
+                           image_token=adapter.image_token, image_token_id=adapter.image_token_id(model)),
+        compression=mf.CompressionInfo(method=plan.method, ratio=plan.ratio, options=dict(plan.options), n_visual=plan.n,
+                                       k_visual=plan.k, grid=list(spec.grid), has_cls=spec.has_cls),
+        lm=mf.LMInfo(**asdict(lm_spec)),
+        text=mf.TextInfo(budget=args.text_budget, max_seq_len=args.max_seq_len, eos_token_ids=side["eos_token_ids"],
+                         chat_template=side["chat_template"]),
+        kv_cache=mf.KVCacheInfo(dtype="float32", layout="[layer][key|value] x [1, num_kv_heads, max_seq_len, head_dim]",
+                                bytes_per_token=per_token, bytes_total=per_token * args.max_seq_len),
+        graphs=graphs, embeddings=side["embeddings"], preprocess=side["preprocess"], parity=parity, files=files)

@@ -1,0 +1,120 @@
+"""The subcommands behind `vtc-export` (argument parsing lives in vtc.export.cli)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+@contextlib.contextmanager
+def step(label: str):
+    """Progress for one long step: a spinner while it runs, then a check mark and its duration."""
+    t0 = time.perf_counter()
+    with err.status(f"{label}..."):
+        yield
+    err.print(f"[green]✓[/] {label} [dim]({time.perf_counter() - t0:.1f} s)[/]")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_build(args, parse_options) -> int:
+    from vtc.export.build import BuildArgs, build
+    from vtc.export.demo import DEMO_NOTICE
+
+    bargs = BuildArgs(model=args.model, method=args.method, ratio=args.ratio, method_options=parse_options(args.method_opt),
+                      output=args.output, max_seq_len=args.max_seq_len, text_budget=args.text_budget,
+                      force=args.force, parity_tokens=args.parity_tokens)
+    if args.model is None:
+        err.print(f"[yellow]note:[/] no --model given: using the built-in {DEMO_NOTICE}.")
+    built = build(bargs, step)
+    m = built.manifest
+    c = m.compression
+    out.print(f"\nartifact: [bold]{built.path}[/]")
+    out.print(f"visual tokens kept: [bold]{c.k_visual} of {c.n_visual}[/] ({c.method}, ratio {c.ratio:g})")
+    for name, meta in m.files.items():
+        out.print(f"  {name:<28} {_size(meta['bytes']):>10}")
+    out.print(f"  total {_size(sum(f['bytes'] for f in m.files.values())):>32}")
+    p = m.parity
+    out.print(f"parity vs PyTorch: {'[green]ok[/]' if p['ok'] else '[red]FAILED[/]'} "
+              f"(prefill logits max-abs {p['graphs']['llm_prefill']['max_abs']:.2e}, "
+              f"{p['new_tokens']} greedy tokens {'equal' if p['greedy_tokens']['equal'] else 'differ'})")
+    if built.demo:
+        out.print(f"[yellow]{DEMO_NOTICE}.[/]")
+    out.print(f"next: vtc-export run {built.path} --image IMG --prompt \"...\"")
+    return 0
+
+
+def cmd_run(args, _parse_options) -> int:
+    from vtc.runtime.backend import get_backend
+    from vtc.runtime.pipeline import VLM
+    from vtc.runtime.sampling import SamplingConfig
+
+    vlm = VLM(Path(args.artifact), backend=get_backend(threads=args.threads or None))
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    on_text = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    res = vlm.generate(args.image, args.prompt, raw=args.raw, max_new_tokens=args.max_new_tokens,
+                       sampling=sampling, on_text=on_text)
+    c = vlm.manifest.compression
+    if args.json:
+        print(json.dumps({"text": res.text, "token_ids": res.token_ids, "stop_reason": res.stop_reason,
+                          "visual_tokens": {"total": c.n_visual, "kept": c.k_visual, "kept_indices": res.kept_indices},
+                          "prompt_tokens": res.prompt_tokens,
+                          "timings_ms": {k: round(v, 3) for k, v in res.timings_ms.items()}}))
+        return 0
+    t = res.timings_ms
+    print()
+    err.print(f"[dim]{len(res.token_ids)} tokens ({res.stop_reason}); visual tokens {c.k_visual}/{c.n_visual} "
+              f"({c.method}); TTFT {t['ttft']:.1f} ms (vision {t['vision']:.1f}, prefill {t['prefill']:.1f}); "
+              f"decode {t['decode_per_token']:.2f} ms/token[/]")
+    if vlm.manifest.model.demo:
+        err.print("[yellow]demo model: random weights, the text above is meaningless.[/]")
+    return 0
+
+
+def cmd_verify(args, _parse_options) -> int:
+    from vtc.export.verify import verify
+
+    report = verify(Path(args.artifact), tokens=args.tokens, model_dir=args.model, step=step)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    from vtc.export.report import print_parity
+
+    print_parity(out, report)
+    from vtc.export.parity import raise_if_failed
+
+    raise_if_failed(report)
+    out.print("[green]verify: ok[/]")
+    return 0
+
+
+def cmd_inspect(args, _parse_options) -> int:
+    from vtc.export.report import print_manifest
+    from vtc.runtime import manifest as mf
+
+    m = mf.load(Path(args.artifact), check_files=True)
+    if args.json:
+        print(m.to_json(), end="")
+    else:
+        print_manifest(out, m)
+    return 0
+
+
+def cmd_list(args, _parse_options) -> int:
+    from vtc.export.report import print_list
+
+    print_list(out)
+    return 0

@@ -1,0 +1,105 @@
+"""The language model over a runtime-owned static KV cache: the module the `llm.onnx` graph is traced from.
+
+One graph serves prefill and decode (weights stored once, loaded once):
+
+    inputs_embeds  [1, S, D]        float   S = prompt length at prefill, 1 at decode
+    position_ids   [1, S]           int64   RoPE positions of the S new tokens
+    past_lengths   [L]              int64   valid cache entries per layer (entries >= are masked)
+    logits_index   [1]              int64   which of the S positions to return logits for
+    past_key.i     [1, Hkv, P, Dh]  float   layer i's cache, P = 0 at prefill, max_seq_len at decode
+    past_value.i   [1, Hkv, P, Dh]
+  ->
+    logits         [1, V]           float32
+    present_key.i  [1, Hkv, S, Dh]  float   ONLY the new tokens' keys (post-RoPE); the runtime writes
+    present_value.i[1, Hkv, S, Dh]          them into its buffer at past_lengths[i], never the whole cache
+
+Attention is computed in two blocks, q·K_past^T and q·K_new^T, joined by one softmax, so the graph never
+concatenates (copies) the cache. Grouped-query attention groups the queries by KV head instead of
+repeating the cache (HF's `repeat_kv` would copy it).
+
+The math of every sub-module (norms, projections, MLP, rotary embedding) is HF's own module, called as
+is; only the cache handling is ours. Parity against HF `generate` is tested over many decode steps.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+
+def rotary_fn(attn_module: nn.Module):
+    """HF's `apply_rotary_pos_emb` from the modeling file that defines this attention class."""
+    return sys.modules[type(attn_module).__module__].apply_rotary_pos_emb
+
+
+def split_attention(q, k_new, v_new, k_past, v_past, past_len, scale: float):
+    """Causal attention of S new queries over a masked static past plus the S new keys.
+
+    q [1, H, S, Dh]; k_new, v_new [1, Hkv, S, Dh]; k_past, v_past [1, Hkv, P, Dh]; past_len [] int64.
+    Returns [1, S, H*Dh]. Matches HF eager attention: fp32 softmax, scores * scale, masked = min.
+    """
+    _, n_heads, seq, head_dim = q.shape
+    n_kv = k_new.shape[1]
+    group = n_heads // n_kv
+    qg = q.reshape(1, n_kv, group * seq, head_dim)  # query head h = kv*group + g
+    s_past = torch.matmul(qg, k_past.transpose(-1, -2)) * scale  # [1, Hkv, G*S, P]
+    s_new = torch.matmul(qg, k_new.transpose(-1, -2)) * scale  # [1, Hkv, G*S, S]
+    neg = torch.finfo(s_new.dtype).min
+    past_pos = torch.arange(k_past.shape[2], device=q.device)
+    s_past = s_past.masked_fill(past_pos >= past_len, neg)
+    pos = torch.arange(seq, device=q.device)
+    causal = (pos[None, :] <= pos[:, None]).repeat(group, 1)  # [G*S, S] (query, key)
+    s_new = s_new.masked_fill(~causal, neg)
+    probs = torch.softmax(torch.cat([s_past, s_new], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
+    n_past = k_past.shape[2]
+    out = torch.matmul(probs[..., :n_past], v_past) + torch.matmul(probs[..., n_past:], v_new)
+    out = out.reshape(1, n_heads, seq, head_dim).transpose(1, 2)  # [1, S, H, Dh]
+    return out.reshape(1, seq, n_heads * head_dim)
+
+
+class StaticCacheLM(nn.Module):
+    """Llama-family decoder (Llama, Mistral, Qwen2 text) driven by a runtime-owned static cache.
+
+    `decoder` is HF's base model (`.layers`, `.norm`, `.rotary_emb`), `lm_head` the output projection.
+    """
+
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+        self.lm_head = lm_head
+        attn = decoder.layers[0].self_attn
+        self.scale = float(attn.scaling)
+        self.head_dim = int(attn.head_dim)
+        self.apply_rope = rotary_fn(attn)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder.layers)
+
+    def layer(self, i, hidden, cos, sin, k_past, v_past, past_len):
+        block = self.decoder.layers[i]
+        attn = block.self_attn
+        x = block.input_layernorm(hidden)  # [1, S, D]
+        shape = (1, x.shape[1], -1, self.head_dim)
+        q = attn.q_proj(x).view(shape).transpose(1, 2)  # [1, H, S, Dh]
+        k = attn.k_proj(x).view(shape).transpose(1, 2)  # [1, Hkv, S, Dh]
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k = self.apply_rope(q, k, cos, sin)
+        a = split_attention(q, k, v, k_past, v_past, past_len, self.scale)
+        hidden = hidden + attn.o_proj(a)
+        hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
+        return hidden, k, v
+
+    def forward(self, inputs_embeds, position_ids, past_lengths, logits_index, past):
+        """`past` is the flat tuple (past_key.0, past_value.0, past_key.1, ...). See the module doc."""
+        cos, sin = self.decoder.rotary_emb(inputs_embeds, position_ids)
+        hidden = inputs_embeds
+        presents = []
+        for i in range(self.num_layers):
+            hidden, k, v = self.layer(i, hidden, cos, sin, past[2 * i], past[2 * i + 1], past_lengths[i])
+            presents += [k, v]
+        last = torch.index_select(hidden, 1, logits_index)  # [1, 1, D]
+        logits = self.lm_head(self.decoder.norm(last)).float()  # [1, 1, V]
+        return (logits.reshape(1, -1), *presents)

@@ -1,0 +1,59 @@
+"""Architecture registry: one small module per VLM family, imported only when needed.
+
+`resolve(checkpoint_dir)` reads `config.json`, finds the adapter for its `model_type`, and fails with
+the list of supported architectures otherwise (llama.cpp's convert registry does the same).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+from vtc.runtime.errors import ModelError
+
+# model_type (config.json) -> module under vtc.export.models that defines `ADAPTER`.
+_REGISTRY: dict[str, str] = {
+    "llava": "llava",
+}
+
+# Shown by `vtc-export list`, and in the error for an unsupported checkpoint.
+PLANNED = {"qwen2_vl": "Qwen2-VL", "idefics3": "Idefics3 / SmolVLM"}
+
+
+def supported() -> dict[str, str]:
+    """model_type -> human name of every registered architecture."""
+    return {mt: importlib.import_module(f"{__name__}.{mod}").ADAPTER.display_name for mt, mod in _REGISTRY.items()}
+
+
+def read_config(checkpoint_dir: Path) -> dict:
+    """config.json of a checkpoint directory, with errors that say what is wrong and what to do."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.exists():
+        raise ModelError(f"model directory {checkpoint_dir} does not exist.",
+                         "Pass --model with a local Hugging Face checkpoint directory (config.json + *.safetensors).")
+    if not checkpoint_dir.is_dir():
+        raise ModelError(f"--model {checkpoint_dir} is a file, not a directory.",
+                         "Pass the checkpoint directory that contains config.json.")
+    cfg_path = checkpoint_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"{checkpoint_dir} is not a Hugging Face checkpoint: it has no config.json.",
+                         "Pass the directory that `save_pretrained` wrote (config.json, *.safetensors, tokenizer).")
+    try:
+        return json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{cfg_path} is not valid JSON ({e}).", "Re-download or re-save the checkpoint.") from e
+
+
+def resolve(checkpoint_dir: Path):
+    """The adapter for this checkpoint's architecture."""
+    cfg = read_config(checkpoint_dir)
+    model_type = cfg.get("model_type")
+    if model_type in _REGISTRY:
+        return importlib.import_module(f"{__name__}.{_REGISTRY[model_type]}").ADAPTER
+    listed = ", ".join(f"{mt} ({name})" for mt, name in supported().items())
+    if "vision_config" not in cfg and "text_config" not in cfg:
+        raise ModelError(f"{checkpoint_dir} is not a vision-language checkpoint (model_type={model_type!r}, "
+                         "no vision_config).", f"vtc exports VLMs; supported architectures: {listed}.")
+    raise ModelError(f"unsupported architecture model_type={model_type!r} in {checkpoint_dir}/config.json.",
+                     f"Supported: {listed}. Planned: {', '.join(PLANNED.values())}.")

@@ -1,0 +1,87 @@
+"""What every architecture adapter provides, and the loading rules they share.
+
+Loading rules (all adapters): local directory only, safetensors only (pickled `*.bin` weights are
+refused), `trust_remote_code=False`, float32 on CPU, eager attention (the reference math).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vtc.runtime.errors import ModelError
+
+
+@dataclass(frozen=True)
+class VisualSpec:
+    """The visual tokens an architecture hands to its language model, before compression."""
+
+    num_tokens: int  # N: tokens the projector emits per image (576 for LLaVA-1.5 "default")
+    grid: tuple[int, int]  # patch grid (rows, cols); the patch tokens are row-major
+    has_cls: bool  # token 0 is the vision [CLS] token ("full" feature strategy)
+    cls_attention: bool  # the encoder has a [CLS] token whose attention can rank patches
+    embed_dim: int  # D: the language model's hidden size
+
+
+@dataclass(frozen=True)
+class LMSpec:
+    """Shapes of the language model that size the runtime's KV cache."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+
+
+@dataclass
+class VisualFeatures:
+    """What the vision side computes for one image; compression methods read what they need."""
+
+    embeds: torch.Tensor  # [1, N, D] projected visual tokens
+    cls_attn: torch.Tensor | None  # [1, N_patches] head-averaged [CLS]->patch attention, feature layer
+    keys: torch.Tensor | None = None  # [1, N, Dv] feature-layer keys (head-averaged), when asked for
+
+
+def check_weights(checkpoint_dir: Path) -> None:
+    """Refuse pickled weights; require safetensors."""
+    if any(checkpoint_dir.glob("*.safetensors")):
+        return
+    if any(checkpoint_dir.glob("*.bin")) or any(checkpoint_dir.glob("*.pt")):
+        raise ModelError(f"{checkpoint_dir} has only pickled weights (*.bin/*.pt); vtc never loads pickles.",
+                         "Convert them to safetensors (e.g. `model.save_pretrained(dir, safe_serialization=True)` "
+                         "in a trusted environment) and pass that directory.")
+    raise ModelError(f"{checkpoint_dir} has no *.safetensors weights.",
+                     "Pass a complete checkpoint directory (config.json + model*.safetensors).")
+
+
+def load_hf(cls, checkpoint_dir: Path) -> nn.Module:
+    """Load an HF model class from a local directory under the loading rules above."""
+    check_weights(checkpoint_dir)
+    try:
+        model = cls.from_pretrained(checkpoint_dir, dtype=torch.float32, attn_implementation="eager",
+                                    use_safetensors=True, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelError(f"could not load {checkpoint_dir} as {cls.__name__}: {e}",
+                         "Check that the directory is a complete, uncorrupted checkpoint.") from e
+    return model.eval()
+
+
+@contextlib.contextmanager
+def truncated_layers(module_list_owner: nn.Module, attr: str, keep: int):
+    """Run an encoder with only its first `keep` layers.
+
+    Why: LLaVA reads features from layer -2; HF still runs the last layer and discards it. Exporting
+    the truncated stack saves that layer's compute in every deployed graph.
+    """
+    layers = getattr(module_list_owner, attr)
+    setattr(module_list_owner, attr, nn.ModuleList(list(layers)[:keep]))
+    try:
+        yield
+    finally:
+        setattr(module_list_owner, attr, layers)

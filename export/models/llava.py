@@ -1,0 +1,114 @@
+"""LLaVA-1.5 family: HF `LlavaForConditionalGeneration` (CLIP vision tower + MLP projector + Llama-family LM).
+
+Visual tokens: the vision tower's hidden states at `vision_feature_layer` (-2 for LLaVA-1.5), minus
+the [CLS] token when `vision_feature_select_strategy == "default"`, through the projector:
+336/14 CLIP-L gives 24x24 = 576 tokens (577 with "full").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vtc.export.llm import StaticCacheLM
+from vtc.export.models.base import LMSpec, VisualFeatures, VisualSpec, load_hf, truncated_layers
+from vtc.runtime.errors import ModelError
+
+
+def _positive_layers(layer, num_layers: int) -> list[int]:
+    """vision_feature_layer (int or list, possibly negative) as indices into hidden_states (0..L)."""
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    return [x if x >= 0 else num_layers + 1 + x for x in layers]
+
+
+class LlavaAdapter:
+    model_type = "llava"
+    display_name = "LLaVA-1.5 (LlavaForConditionalGeneration: CLIP/SigLIP + MLP projector + Llama-family LM)"
+    image_token = "<image>"
+
+    def load(self, checkpoint_dir: Path):
+        from transformers import LlavaForConditionalGeneration
+
+        model = load_hf(LlavaForConditionalGeneration, Path(checkpoint_dir))
+        if model.config.text_config.model_type not in ("llama", "mistral", "qwen2"):
+            raise ModelError(f"LLaVA with a {model.config.text_config.model_type!r} language model is not supported.",
+                             "Supported language models: llama, mistral, qwen2.")
+        return model
+
+    # -- shapes ---------------------------------------------------------------------------------
+    def visual_spec(self, model) -> VisualSpec:
+        vcfg = model.config.vision_config
+        side = vcfg.image_size // vcfg.patch_size
+        has_cls_token = vcfg.model_type == "clip_vision_model"
+        full = model.config.vision_feature_select_strategy == "full"
+        return VisualSpec(num_tokens=side * side + (1 if full and has_cls_token else 0), grid=(side, side),
+                          has_cls=full and has_cls_token, cls_attention=has_cls_token,
+                          embed_dim=model.config.text_config.hidden_size)
+
+    def lm_spec(self, model) -> LMSpec:
+        t = model.config.text_config
+        attn = model.model.language_model.layers[0].self_attn
+        return LMSpec(num_layers=t.num_hidden_layers, num_heads=t.num_attention_heads,
+                      num_kv_heads=t.num_key_value_heads, head_dim=int(attn.head_dim),
+                      hidden_size=t.hidden_size, vocab_size=t.vocab_size)
+
+    def image_token_id(self, model) -> int:
+        return int(model.config.image_token_id)
+
+    def image_size(self, model) -> int:
+        return int(model.config.vision_config.image_size)
+
+    # -- modules --------------------------------------------------------------------------------
+    def static_cache_lm(self, model) -> StaticCacheLM:
+        return StaticCacheLM(model.model.language_model, model.lm_head).eval()
+
+    def embed_table(self, model) -> torch.Tensor:
+        """[V, D]: the runtime gathers text embeddings from this table (no scaling for Llama-family)."""
+        return model.model.language_model.embed_tokens.weight.detach()
+
+    def visual_features(self, model, pixel_values: torch.Tensor, want_cls_attn: bool = False) -> VisualFeatures:
+        """HF's `get_image_features`, on the encoder truncated after the deepest layer it reads.
+
+        With `want_cls_attn`, also the head-averaged softmax attention of [CLS] to the patches in the
+        encoder layer that produces the feature layer (FasterVLM's `attentions[select_layer]`).
+        """
+        tower = model.model.vision_tower
+        encoder = tower.vision_model.encoder
+        n_layers = len(encoder.layers)
+        feat_layers = _positive_layers(model.config.vision_feature_layer, n_layers)
+        keep = max(feat_layers)
+        captured: dict[str, torch.Tensor] = {}
+        hook = None
+        if want_cls_attn:
+            attn_block = encoder.layers[feat_layers[0] - 1]  # produces hidden_states[feat_layer]
+            hook = attn_block.register_forward_pre_hook(
+                lambda _m, args, kwargs: captured.__setitem__("x", args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True)
+        try:
+            with truncated_layers(encoder, "layers", keep):
+                layer_arg = feat_layers[0] if isinstance(model.config.vision_feature_layer, int) else feat_layers
+                out = model.model.get_image_features(pixel_values, vision_feature_layer=layer_arg)
+        finally:
+            if hook is not None:
+                hook.remove()
+        embeds = torch.cat(list(out.pooler_output), 0)[None]  # [1, N, D]
+        cls_attn = _cls_attention(attn_block, captured["x"]) if want_cls_attn else None
+        return VisualFeatures(embeds=embeds, cls_attn=cls_attn)
+
+
+def _cls_attention(block, x: torch.Tensor) -> torch.Tensor:
+    """[1, N_patches]: softmax(q_cls k^T * scale) of a CLIP encoder block, averaged over heads.
+
+    x [1, 1+N, Dv] is the block's input; the attention reads layer_norm1(x) like the block does.
+    """
+    attn = block.self_attn
+    h = block.layer_norm1(x)
+    n_heads, head_dim = attn.num_heads, attn.head_dim
+    q = attn.q_proj(h[:, :1]).view(1, 1, n_heads, head_dim).transpose(1, 2)  # [1, H, 1, Dh]
+    k = attn.k_proj(h).view(1, -1, n_heads, head_dim).transpose(1, 2)  # [1, H, 1+N, Dh]
+    probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scale, dim=-1, dtype=torch.float32)
+    return probs[:, :, 0, 1:].mean(dim=1)  # [1, N]
+
+
+ADAPTER = LlavaAdapter()

@@ -1,0 +1,113 @@
+"""Tracing the two graphs to plugin-free ONNX (torch.onnx.export, dynamo=True, opset 18).
+
+vision.onnx   pixel_values [1, 3, H, W] -> image_embeds [1, K, D], kept_index [1, K] int64
+llm.onnx      see vtc.export.llm (one graph for prefill and decode; weights in llm.onnx.data)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from vtc.export.llm import StaticCacheLM
+from vtc.export.methods.base import Method, Plan
+from vtc.export.models.base import VisualSpec
+from vtc.runtime.errors import ExportError
+from vtc.runtime.manifest import GraphSpec, TensorSpec
+
+OPSET = 18
+MAX_SEQ_DIM = 32768
+
+
+class VisionGraph(nn.Module):
+    """Vision tower + projector + compressor: pixel_values -> (image_embeds, kept_index)."""
+
+    def __init__(self, adapter, model, method: Method, plan: Plan, spec: VisualSpec):
+        super().__init__()
+        self.adapter, self.model, self.method, self.plan, self.spec = adapter, model, method, plan, spec
+
+    def forward(self, pixel_values):
+        feats = self.adapter.visual_features(self.model, pixel_values, want_cls_attn=self.method.needs_cls_attention)
+        return self.method.compress(feats, self.spec, self.plan)
+
+
+@contextlib.contextmanager
+def quiet_export():
+    """torch.onnx prints progress lines and torchvision-missing warnings on every export; the CLI has
+    its own progress display, so they are captured here (and re-raised with the error on failure)."""
+    buf = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+            warnings.simplefilter("ignore")
+            yield buf
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _export(module, args, path: Path, input_names, output_names, dynamic_shapes, external: bool) -> None:
+    with quiet_export() as buf:
+        try:
+            with torch.no_grad():
+                torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                                  dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=OPSET,
+                                  external_data=external, optimize=True, verbose=False)
+        except Exception as e:  # torch.export raises many unrelated types; all mean "could not trace"
+            raise ExportError(f"exporting {path.name} failed: {type(e).__name__}: {e}",
+                              "Please report this with the model config; the exporter log was:\n"
+                              + buf.getvalue()[-2000:]) from e
+    onnx.checker.check_model(str(path), full_check=False)
+
+
+def graph_spec(path: Path, profiles: dict | None = None) -> GraphSpec:
+    """Names, dtypes and shapes of a graph's inputs/outputs, read back from the ONNX file."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def tensors(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+            shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+            out.append(TensorSpec(name=v.name, dtype=dtype, shape=shape))
+        return out
+
+    return GraphSpec(file=path.name, inputs=tensors(model.graph.input), outputs=tensors(model.graph.output),
+                     profiles=profiles or {})
+
+
+def export_vision(graph: VisionGraph, image_size: int, path: Path) -> GraphSpec:
+    pixels = torch.randn(1, 3, image_size, image_size)
+    _export(graph, (pixels,), path, ["pixel_values"], ["image_embeds", "kept_index"], None, external=False)
+    return graph_spec(path, {"static": {}})
+
+
+def llm_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    kv = [f"{p}_{kind}.{i}" for i in range(num_layers) for p, kind in [("past", "key"), ("past", "value")]]
+    present = [n.replace("past_", "present_") for n in kv]
+    return ["inputs_embeds", "position_ids", "past_lengths", "logits_index", *kv], ["logits", *present]
+
+
+def export_llm(lm: StaticCacheLM, num_kv_heads: int, hidden: int, path: Path, profiles: dict) -> GraphSpec:
+    """Trace with S=3, P=4 (torch.export specialises sizes 0 and 1); both dims stay symbolic."""
+    n_layers, seq, past = lm.num_layers, 3, 4
+    args = (torch.randn(1, seq, hidden), torch.arange(seq)[None], torch.full((n_layers,), past, dtype=torch.int64),
+            torch.tensor([seq - 1]), tuple(torch.randn(1, num_kv_heads, past, lm.head_dim) for _ in range(2 * n_layers)))
+    s_dim = torch.export.Dim("seq", min=1, max=MAX_SEQ_DIM)
+    p_dim = torch.export.Dim("past_seq", min=0, max=MAX_SEQ_DIM)
+    dyn = {"inputs_embeds": {1: s_dim}, "position_ids": {1: s_dim}, "past_lengths": None, "logits_index": None,
+           "past": tuple({2: p_dim} for _ in range(2 * n_layers))}
+    inputs, outputs = llm_io_names(n_layers)
+    _export(lm, args, path, inputs, outputs, dyn, external=True)
+    return graph_spec(path, profiles)

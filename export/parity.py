@@ -1,0 +1,95 @@
+"""Artifact-vs-PyTorch parity: the report stored in the manifest and checked by `vtc-export verify`.
+
+Per graph: max-abs difference and cosine similarity of its outputs against the PyTorch reference
+(vision: image embeddings; llm: prefill logits, then decode logits teacher-forced on the reference's
+tokens). End to end: the runtime's free-running greedy tokens against HF `generate`.
+Tolerances (float32 graphs): cosine >= 0.9999 and max-abs <= 1e-3 * max(1, max|reference|).
+A token mismatch fails unless the reference's top-2 logit margin at that step is within the logits
+tolerance (a near-tie that float rounding may legitimately flip); that case is reported as such.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vtc.export.reference import Reference, reference_generate
+from vtc.runtime.errors import ParityError
+from vtc.runtime.pipeline import VLM, Prompt
+
+COSINE_MIN = 0.9999
+REL_MAX_ABS = 1e-3
+
+
+def compare(actual: np.ndarray, expected: np.ndarray) -> dict:
+    a, e = np.asarray(actual, np.float64).ravel(), np.asarray(expected, np.float64).ravel()
+    cos = float(a @ e / (np.linalg.norm(a) * np.linalg.norm(e) + 1e-30))
+    max_abs = float(np.abs(a - e).max()) if a.size else 0.0
+    tol = REL_MAX_ABS * max(1.0, float(np.abs(e).max()) if e.size else 1.0)
+    return {"max_abs": max_abs, "cosine": cos, "tolerance_max_abs": tol,
+            "ok": bool(cos >= COSINE_MIN and max_abs <= tol)}
+
+
+def parity_image(size: int, seed: int = 0) -> Image.Image:
+    """A deterministic, tie-free test image (smooth gradients plus seeded noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    base = np.stack([x, y, (x + y) / 2], -1) * 160 + rng.integers(0, 90, (size, size, 3))
+    return Image.fromarray(base.clip(0, 255).astype(np.uint8))
+
+
+def _teacher_forced_logits(vlm: VLM, prompt: Prompt, image_embeds: np.ndarray, tokens: list[int]) -> list:
+    logits = [vlm.prefill(prompt, image_embeds)]
+    for t in tokens[:-1]:
+        logits.append(vlm.decode_step(t))
+    return logits
+
+
+def _token_check(got: list[int], ref: Reference, tol: float) -> dict:
+    mismatch = next((i for i, (a, b) in enumerate(zip(got, ref.tokens)) if a != b), None)
+    out = {"runtime": got, "reference": ref.tokens, "equal": mismatch is None, "first_mismatch": mismatch}
+    if mismatch is not None:
+        top2 = torch.topk(ref.step_logits[mismatch], 2).values
+        margin = float(top2[0] - top2[1])
+        out["reference_margin"] = margin
+        out["near_tie"] = margin <= tol
+    return out
+
+
+def check(artifact_dir: Path, adapter, model, method, plan, spec, max_new_tokens: int = 8,
+          prompt_text: str = "Describe the image.", vlm: VLM | None = None) -> dict:
+    """Run the artifact and the PyTorch reference on the same inputs; return the parity report."""
+    vlm = vlm or VLM(artifact_dir, check_files=False)
+    has_template = vlm.manifest.text.chat_template is not None
+    prompt = vlm.prepare_prompt(prompt_text if has_template else f"{vlm.manifest.model.image_token}\n{prompt_text}",
+                                raw=not has_template)
+    pixels = vlm.prepare_image(parity_image(vlm.preprocessor.output_hw[0]))
+    ref = reference_generate(adapter, model, method, plan, spec, torch.from_numpy(pixels), prompt.before,
+                             prompt.after, max_new_tokens)
+    image_embeds, kept = vlm.encode_image(pixels)
+    vision = compare(image_embeds, ref.image_embeds.numpy())
+    vision["kept_index_equal"] = kept[0].tolist() == ref.kept_index
+    vision["ok"] = vision["ok"] and vision["kept_index_equal"]
+    forced = _teacher_forced_logits(vlm, prompt, image_embeds, ref.tokens)
+    prefill = compare(forced[0], ref.step_logits[0].numpy())
+    decode = compare(np.stack(forced[1:]), torch.stack(ref.step_logits[1:]).numpy())
+    result = vlm.generate_from(pixels, prompt, max_new_tokens, ignore_eos=True)
+    tokens = _token_check(result.token_ids, ref, prefill["tolerance_max_abs"])
+    ok = vision["ok"] and prefill["ok"] and decode["ok"] and (tokens["equal"] or tokens.get("near_tie", False))
+    return {"ok": bool(ok), "new_tokens": max_new_tokens, "prompt": prompt_text, "image": "parity_image(seed=0)",
+            "graphs": {"vision": vision, "llm_prefill": prefill, "llm_decode": decode}, "greedy_tokens": tokens,
+            "tolerance": {"cosine_min": COSINE_MIN, "rel_max_abs": REL_MAX_ABS}}
+
+
+def raise_if_failed(report: dict) -> None:
+    if report["ok"]:
+        return
+    bad = [f"{g}: max_abs={r['max_abs']:.3g} cosine={r['cosine']:.6f}" for g, r in report["graphs"].items() if not r["ok"]]
+    tok = report["greedy_tokens"]
+    if not tok["equal"] and not tok.get("near_tie"):
+        bad.append(f"greedy tokens differ from step {tok['first_mismatch']}")
+    raise ParityError("the exported graphs do not match the PyTorch model: " + "; ".join(bad) + ".",
+                      "This is a vtc bug for this model; please report it with the model config.")

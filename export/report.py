@@ -1,0 +1,74 @@
+"""Terminal output for `inspect`, `list` and `verify` (rich tables)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def print_manifest(console, m) -> None:
+    c, t, kv = m.compression, m.text, m.kv_cache
+    console.print(f"[bold]{m.model.architecture}[/] from {m.model.source}" + ("  [yellow](demo: random weights)[/]" if m.model.demo else ""))
+    console.print(f"compression: {c.method} ratio {c.ratio:g} -> {c.k_visual} of {c.n_visual} visual tokens "
+                  f"(grid {c.grid[0]}x{c.grid[1]}) options {c.options}")
+    console.print(f"text budget {t.budget} tokens, max sequence {t.max_seq_len}; KV cache {kv.dtype}: "
+                  f"{kv.bytes_per_token} B/token, {_mib(kv.bytes_total)} at max length")
+    full = (c.n_visual + t.budget) * kv.bytes_per_token
+    used = (c.k_visual + t.budget) * kv.bytes_per_token
+    console.print(f"prompt KV at full text budget: {_mib(used)} (uncompressed visual tokens: {_mib(full)}, "
+                  f"{100 * used / full:.0f}%)")
+    table = Table(title="graphs", show_lines=False)
+    for col in ("graph", "file", "inputs", "outputs"):
+        table.add_column(col)
+    for name, g in m.graphs.items():
+        fmt = lambda ts: "\n".join(f"{x.name} {x.dtype}{x.shape}" for x in ts[:6]) + ("\n..." if len(ts) > 6 else "")
+        table.add_row(name, g.file, fmt(g.inputs), fmt(g.outputs))
+    console.print(table)
+    files = Table(title="files")
+    files.add_column("file")
+    files.add_column("size", justify="right")
+    files.add_column("sha256")
+    for name, meta in m.files.items():
+        files.add_row(name, _mib(meta["bytes"]), meta["sha256"][:16])
+    console.print(files)
+    if m.parity:
+        print_parity(console, m.parity)
+    console.print(f"built {m.created_utc} by vtc {m.vtc_version}; build args {m.build_args}")
+
+
+def print_parity(console, report: dict) -> None:
+    table = Table(title=f"parity vs PyTorch ({report['new_tokens']} greedy tokens)")
+    for col in ("graph", "max-abs", "tolerance", "cosine", "ok"):
+        table.add_column(col)
+    for name, r in report["graphs"].items():
+        table.add_row(name, f"{r['max_abs']:.2e}", f"{r['tolerance_max_abs']:.1e}", f"{r['cosine']:.7f}",
+                      "[green]yes[/]" if r["ok"] else "[red]NO[/]")
+    console.print(table)
+    tok = report["greedy_tokens"]
+    status = "equal" if tok["equal"] else (f"differ from step {tok['first_mismatch']}"
+                                            + (" (near-tie in the reference)" if tok.get("near_tie") else ""))
+    console.print(f"greedy tokens: {status}")
+
+
+def print_list(console) -> None:
+    from vtc.export import methods, models
+
+    arch = Table(title="architectures")
+    arch.add_column("model_type")
+    arch.add_column("name")
+    for mt, name in models.supported().items():
+        arch.add_row(mt, name)
+    for mt, name in models.PLANNED.items():
+        arch.add_row(f"[dim]{mt}[/]", f"[dim]{name} (planned)[/]")
+    console.print(arch)
+    tab = Table(title="compression methods (--method)")
+    for col in ("name", "where", "reads prompt", "options (default)", "paper / reference", "what it does"):
+        tab.add_column(col)
+    for m in methods.all_methods():
+        opts = ", ".join(f"{o.name}={o.default}" for o in m.options) or "-"
+        tab.add_row(m.name, m.where, "yes" if m.reads_prompt else "no", opts,
+                    "\n".join(x for x in (m.paper, m.reference) if x and x != "-") or "-", m.summary)
+    console.print(tab)

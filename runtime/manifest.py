@@ -1,0 +1,209 @@
+"""`manifest.json`: the versioned contract between the exporter and the runtime.
+
+Written last by the build (after parity passed), parsed strictly here: unknown keys, missing keys,
+wrong types and a schema version other than SCHEMA_VERSION are errors. `files` holds the sha256 and
+size of every other file in the artifact; `load(..., check_files=True)` verifies them.
+The schema is documented in docs/DESIGN.md; bump SCHEMA_VERSION on any incompatible change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vtc.runtime.errors import ArtifactError
+
+SCHEMA = "vtc.artifact"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32, int64, ...
+    shape: list  # ints, or strings for symbolic dims (seq, past_seq)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    file: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    # named static shape sets the runtime uses: {"prefill": {"seq": 160, "past_seq": 0}, ...}
+    profiles: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    architecture: str  # registry model_type, e.g. "llava"
+    source: str  # absolute path of the source checkpoint
+    demo: bool  # the built-in random-weight demo model (its text is meaningless)
+    image_token: str
+    image_token_id: int
+
+
+@dataclass(frozen=True)
+class CompressionInfo:
+    method: str
+    ratio: float
+    options: dict
+    n_visual: int  # N: visual tokens before compression
+    k_visual: int  # K: visual tokens kept (static)
+    grid: list  # [rows, cols] patch grid
+    has_cls: bool  # visual token 0 is the vision [CLS] token
+
+
+@dataclass(frozen=True)
+class LMInfo:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class TextInfo:
+    budget: int  # max text tokens per prompt (excluding the K visual tokens)
+    max_seq_len: int  # KV cache length: prompt + visual + generated tokens
+    eos_token_ids: list
+    chat_template: str | None  # file name in the artifact, or None (prompts must then be --raw)
+
+
+@dataclass(frozen=True)
+class KVCacheInfo:
+    dtype: str
+    layout: str
+    bytes_per_token: int
+    bytes_total: int  # at max_seq_len
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema: str
+    schema_version: int
+    vtc_version: str
+    created_utc: str
+    build_args: dict
+    model: ModelInfo
+    compression: CompressionInfo
+    lm: LMInfo
+    text: TextInfo
+    kv_cache: KVCacheInfo
+    graphs: dict[str, GraphSpec]
+    embeddings: dict  # {"file": "embed_tokens.npy", "dtype": ..., "shape": [V, D]}
+    preprocess: dict  # ImagePreprocessor.to_dict()
+    parity: dict
+    files: dict  # relative path -> {"sha256": str, "bytes": int}
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
+
+
+def _parse(tp, value, where: str):
+    """Convert JSON `value` to type `tp`, strictly."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ArtifactError(f"manifest field {where} must be an object.", "Rebuild the artifact.")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - names)
+        missing = sorted(n for n in names if n not in value and _required(tp, n))
+        if unknown or missing:
+            raise ArtifactError(f"manifest {where or 'root'} has unknown keys {unknown} / missing keys {missing}.",
+                                "It was written by another vtc version or edited by hand: rebuild the artifact.")
+        return tp(**{k: _parse(hints[k], v, f"{where}.{k}".lstrip(".")) for k, v in value.items()})
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        _expect(value, list, where)
+        return [_parse(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(tp) or (str, Any)
+        _expect(value, dict, where)
+        return {k: _parse(item, v, f"{where}.{k}") for k, v in value.items()}
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        return _parse(next(a for a in typing.get_args(tp) if a is not type(None)), value, where)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    _expect(value, tp, where)
+    return value
+
+
+def _required(tp, name: str) -> bool:
+    f = next(f for f in dataclasses.fields(tp) if f.name == name)
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _expect(value, tp, where):
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ArtifactError(f"manifest field {where} should be {tp.__name__}, got {type(value).__name__}.",
+                            "Rebuild the artifact.")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_table(root: Path) -> dict:
+    """{relative path: {sha256, bytes}} for every file under root except the manifest."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return out
+
+
+def parse(text: str, source: str = MANIFEST) -> Manifest:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{source} is not valid JSON ({e}).", "The artifact is damaged: rebuild it.") from e
+    if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+        raise ArtifactError(f"{source} is not a vtc artifact manifest.", "Point at a directory `vtc-export build` wrote.")
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        newer = isinstance(version, int) and version > SCHEMA_VERSION
+        raise ArtifactError(f"{source} has manifest schema version {version!r}; this vtc reads version {SCHEMA_VERSION}.",
+                            "Upgrade vtc to run it." if newer else "Rebuild the artifact with this vtc.")
+    return _parse(Manifest, raw, "")
+
+
+def load(artifact_dir: Path, check_files: bool = True) -> Manifest:
+    """Read and validate `artifact_dir/manifest.json`; with check_files, every file's size and sha256."""
+    artifact_dir = Path(artifact_dir)
+    path = artifact_dir / MANIFEST
+    if not artifact_dir.is_dir():
+        raise ArtifactError(f"artifact directory {artifact_dir} does not exist.", "Build one with `vtc-export build`.")
+    if not path.is_file():
+        raise ArtifactError(f"{artifact_dir} has no {MANIFEST}: it is not a (complete) vtc artifact.",
+                            "Build one with `vtc-export build`; builds write the manifest last.")
+    manifest = parse(path.read_text(), str(path))
+    if check_files:
+        verify_files(artifact_dir, manifest)
+    return manifest
+
+
+def verify_files(artifact_dir: Path, manifest: Manifest) -> None:
+    for rel, meta in manifest.files.items():
+        p = artifact_dir / rel
+        if not p.is_file():
+            raise ArtifactError(f"artifact file {p} is missing.", "The artifact is incomplete: rebuild it.")
+        if p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+            raise ArtifactError(f"checksum mismatch for {p}: the file changed after the build.",
+                                "Rebuild the artifact (or restore the file); vtc will not run modified graphs.")

@@ -1,0 +1,182 @@
+"""The on-device VLM: preprocess -> vision graph -> prefill -> decode loop. numpy + a backend; no torch.
+
+Top-down: `VLM.generate` = `prepare` (image + prompt) -> `encode_image` -> `prefill` -> `decode_step`...
+The LLM graph takes embeddings: the runtime gathers text rows from `embed_tokens.npy` (memory-mapped)
+and places the K visual embeddings where the prompt's single image token stands.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from vtc.runtime import manifest as mf
+from vtc.runtime.backend import get_backend
+from vtc.runtime.errors import InputError
+from vtc.runtime.kv_cache import StaticKVCache
+from vtc.runtime.preprocess import ImagePreprocessor, load_image
+from vtc.runtime.sampling import Sampler, SamplingConfig
+from vtc.runtime.text import StreamDecoder, TextProcessor
+
+
+@dataclass
+class Prompt:
+    """Token ids around the image: text = before + [K visual tokens] + after."""
+
+    before: list[int]
+    after: list[int]
+
+    @property
+    def num_text(self) -> int:
+        return len(self.before) + len(self.after)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stop_reason: str  # "eos" | "max_new_tokens"
+    prompt_tokens: int  # text + visual tokens in the prefill
+    kept_indices: list[int]
+    timings_ms: dict = field(default_factory=dict)
+
+
+class VLM:
+    """A built artifact, opened for inference. Not thread-safe (one static KV cache)."""
+
+    def __init__(self, artifact_dir: Path, backend=None, check_files: bool = True):
+        self.dir = Path(artifact_dir)
+        self.manifest = m = mf.load(self.dir, check_files=check_files)
+        self.backend = backend or get_backend()
+        self.preprocessor = ImagePreprocessor.from_config(m.preprocess)
+        self.text = TextProcessor.from_dir(self.dir)
+        self.embed = np.load(self.dir / m.embeddings["file"], mmap_mode="r", allow_pickle=False)  # [V, D]
+        self.vision = self.backend.open(self.dir, m.graphs["vision"])
+        self.llm = self.backend.open(self.dir, m.graphs["llm"])
+        self.cache = StaticKVCache(m.lm.num_layers, m.lm.num_kv_heads, m.lm.head_dim, m.text.max_seq_len,
+                                   m.kv_cache.dtype)
+        self.eos = set(m.text.eos_token_ids)
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def prepare_prompt(self, prompt: str, raw: bool = False) -> Prompt:
+        m = self.manifest
+        if raw:
+            if prompt.count(m.model.image_token) != 1:
+                raise InputError(f"a --raw prompt must contain {m.model.image_token!r} exactly once "
+                                 f"(found {prompt.count(m.model.image_token)}).",
+                                 f"Put {m.model.image_token} where the image goes, or drop --raw to use the chat template.")
+            text = prompt
+        else:
+            if m.text.chat_template is None:
+                raise InputError("this artifact has no chat template.", "Pass --raw with a prompt that contains "
+                                 f"{m.model.image_token}.")
+            text = self.text.format(prompt)
+        before, after = self.text.split_at_image(self.text.encode(text), m.model.image_token_id)
+        p = Prompt(before, after)
+        if p.num_text > m.text.budget:
+            raise InputError(f"the prompt is {p.num_text} text tokens; this artifact was built for at most "
+                             f"{m.text.budget}.", "Shorten the prompt, or rebuild with "
+                             f"`vtc-export build --text-budget {p.num_text}` (or more).")
+        return p
+
+    def prepare_image(self, image) -> np.ndarray:
+        """Path or PIL image -> pixel_values [1, 3, H, W] float32."""
+        img = load_image(image) if isinstance(image, (str, Path)) else image
+        return self.preprocessor(img)
+
+    # -- graphs ----------------------------------------------------------------------------------
+    def encode_image(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(image_embeds [1, K, D], kept_index [1, K])."""
+        embeds, kept = self.vision.run({"pixel_values": pixel_values})
+        return embeds, kept
+
+    def prefill(self, prompt: Prompt, image_embeds: np.ndarray) -> np.ndarray:
+        """Run the whole prompt once; fills the cache; returns last-position logits [V]."""
+        table = self.embed
+        embeds = np.concatenate([table[prompt.before][None], image_embeds.astype(table.dtype),
+                                 table[prompt.after][None]], axis=1)  # [1, T, D]
+        seq = embeds.shape[1]
+        if seq > self.cache.max_len:
+            raise InputError(f"the prompt needs {seq} cache positions; the cache has {self.cache.max_len}.",
+                             "Rebuild with a larger --max-seq-len.")
+        self.cache.reset()
+        feeds = {"inputs_embeds": embeds, "position_ids": np.arange(seq, dtype=np.int64)[None],
+                 "past_lengths": self.cache.lengths.copy(), "logits_index": np.array([seq - 1], np.int64),
+                 **self.cache.past_feeds(empty=True)}
+        logits, *presents = self.llm.run(feeds)
+        self.cache.write(presents)
+        self.position = seq
+        return logits[0]
+
+    def decode_step(self, token: int) -> np.ndarray:
+        """Feed one token at the next position; returns its logits [V]."""
+        feeds = {"inputs_embeds": self.embed[[token]][None], "position_ids": np.array([[self.position]], np.int64),
+                 "past_lengths": self.cache.lengths.copy(), "logits_index": np.zeros(1, np.int64),
+                 **self.cache.past_feeds(empty=False)}
+        logits, *presents = self.llm.run(feeds)
+        self.cache.write(presents)
+        self.position += 1
+        return logits[0]
+
+    # -- the loop --------------------------------------------------------------------------------
+    def generate(self, image, prompt: str, raw: bool = False, max_new_tokens: int = 64,
+                 sampling: SamplingConfig = SamplingConfig(), on_text: Callable[[str], None] | None = None
+                 ) -> GenerationResult:
+        t0 = time.perf_counter()
+        p = self.prepare_prompt(prompt, raw)
+        pixels = self.prepare_image(image)
+        t1 = time.perf_counter()
+        return self.generate_from(pixels, p, max_new_tokens, sampling, on_text, preprocess_ms=(t1 - t0) * 1e3)
+
+    def check_room(self, prompt: Prompt, max_new_tokens: int) -> None:
+        need = prompt.num_text + self.manifest.compression.k_visual + max_new_tokens
+        if need > self.cache.max_len:
+            room = self.cache.max_len - prompt.num_text - self.manifest.compression.k_visual
+            raise InputError(f"--max-new-tokens {max_new_tokens} does not fit: the prompt uses "
+                             f"{self.cache.max_len - room} of {self.cache.max_len} cache positions.",
+                             f"Use --max-new-tokens {max(room, 0)} or less, or rebuild with a larger --max-seq-len.")
+
+    def generate_from(self, pixel_values: np.ndarray, prompt: Prompt, max_new_tokens: int = 64,
+                      sampling: SamplingConfig = SamplingConfig(), on_text=None, preprocess_ms: float = 0.0,
+                      ignore_eos: bool = False) -> GenerationResult:
+        """Generate from preprocessed pixels [1, 3, H, W]; `ignore_eos` always runs max_new_tokens (parity)."""
+        if max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens must be at least 1 (got {max_new_tokens}).", "Pass a positive number.")
+        self.check_room(prompt, max_new_tokens)
+        sampler, stream = Sampler(sampling), StreamDecoder(self.text)
+        t0 = time.perf_counter()
+        image_embeds, kept = self.encode_image(pixel_values)
+        t1 = time.perf_counter()
+        token = sampler(self.prefill(prompt, image_embeds))
+        t2 = time.perf_counter()
+        tokens, stop, step_ms = [], "max_new_tokens", []
+        while True:
+            tokens.append(token)
+            if token in self.eos and not ignore_eos:
+                stop = "eos"
+                break
+            if on_text is not None:
+                piece = stream.push(token)
+                if piece:
+                    on_text(piece)
+            if len(tokens) >= max_new_tokens:
+                break
+            ts = time.perf_counter()
+            token = sampler(self.decode_step(token))
+            step_ms.append((time.perf_counter() - ts) * 1e3)
+        if on_text is not None:
+            tail = stream.flush()
+            if tail:
+                on_text(tail)
+        timings = {"preprocess": preprocess_ms, "vision": (t1 - t0) * 1e3, "prefill": (t2 - t1) * 1e3,
+                   "ttft": preprocess_ms + (t2 - t0) * 1e3,
+                   "decode_per_token": float(np.mean(step_ms)) if step_ms else 0.0,
+                   "total": preprocess_ms + (time.perf_counter() - t0) * 1e3}
+        text_ids = [t for t in tokens if t not in self.eos]
+        return GenerationResult(text=self.text.decode(text_ids), token_ids=tokens, stop_reason=stop,
+                                prompt_tokens=prompt.num_text + image_embeds.shape[1],
+                                kept_indices=kept[0].tolist(), timings_ms=timings)
