@@ -32,17 +32,13 @@ def write(out: Path, src: Path, adapter, model) -> dict:
     if not (src / "tokenizer.json").is_file():
         raise ModelError(f"{src} has no tokenizer.json (the fast-tokenizer file vtc's runtime reads).",
                          "Save the checkpoint's fast tokenizer: AutoTokenizer.from_pretrained(dir).save_pretrained(dir).")
-    pre_path = src / "preprocessor_config.json"
-    if not pre_path.is_file():
-        raise ModelError(f"{src} has no preprocessor_config.json (the image processor config).",
-                         "Save the checkpoint's image processor with save_pretrained into the same directory.")
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
     template = find_chat_template(src)
     if template is not None:
         (out / "chat_template.jinja").write_text(template)
-    preprocess = ImagePreprocessor.from_config(json.loads(pre_path.read_text())).to_dict()
+    preprocess = ImagePreprocessor.from_dir(src).to_dict()
     table = adapter.embed_table(model).float().numpy()  # [V, D]
     np.save(out / "embed_tokens.npy", np.ascontiguousarray(table), allow_pickle=False)
     return {"chat_template": "chat_template.jinja" if template is not None else None,

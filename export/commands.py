@@ -31,8 +31,22 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def quiet_transformers() -> None:
+    """transformers' own progress bars and warnings would interleave with ours; errors still surface."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def cmd_build(args, parse_options) -> int:
     from vtc.export.build import BuildArgs, build
+
+    quiet_transformers()
     from vtc.export.demo import DEMO_NOTICE
 
     bargs = BuildArgs(model=args.model, method=args.method, ratio=args.ratio, method_options=parse_options(args.method_opt),
@@ -88,6 +102,7 @@ def cmd_run(args, _parse_options) -> int:
 def cmd_verify(args, _parse_options) -> int:
     from vtc.export.verify import verify
 
+    quiet_transformers()
     report = verify(Path(args.artifact), tokens=args.tokens, model_dir=args.model, step=step)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -28,7 +28,9 @@ def hf_visual_features(adapter, model, pixel_values: torch.Tensor, want_cls_attn
     """Features via HF's public API only (full tower; attentions from output_attentions)."""
     cfg = model.config
     with torch.no_grad():
-        embeds = torch.cat(list(model.model.get_image_features(pixel_values).pooler_output), 0)[None]
+        feats = model.model.get_image_features(pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+                                               vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        embeds = torch.cat(list(feats.pooler_output), 0)[None]
         cls_attn = None
         if want_cls_attn:
             layer = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, int) else cfg.vision_feature_layer[0]

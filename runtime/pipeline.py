@@ -53,7 +53,7 @@ class VLM:
         self.manifest = m = mf.load(self.dir, check_files=check_files)
         self.backend = backend or get_backend()
         self.preprocessor = ImagePreprocessor.from_config(m.preprocess)
-        self.text = TextProcessor.from_dir(self.dir)
+        self.text = TextProcessor.from_dir(self.dir, image_token=m.model.image_token, model_type=m.model.architecture)
         self.embed = np.load(self.dir / m.embeddings["file"], mmap_mode="r", allow_pickle=False)  # [V, D]
         self.vision = self.backend.open(self.dir, m.graphs["vision"])
         self.llm = self.backend.open(self.dir, m.graphs["llm"])
@@ -69,13 +69,13 @@ class VLM:
                 raise InputError(f"a --raw prompt must contain {m.model.image_token!r} exactly once "
                                  f"(found {prompt.count(m.model.image_token)}).",
                                  f"Put {m.model.image_token} where the image goes, or drop --raw to use the chat template.")
-            text = prompt
+            ids = self.text.encode(prompt)
         else:
             if m.text.chat_template is None:
                 raise InputError("this artifact has no chat template.", "Pass --raw with a prompt that contains "
                                  f"{m.model.image_token}.")
-            text = self.text.format(prompt)
-        before, after = self.text.split_at_image(self.text.encode(text), m.model.image_token_id)
+            ids = self.text.prompt_ids(prompt)
+        before, after = self.text.split_at_image(ids, m.model.image_token_id)
         p = Prompt(before, after)
         if p.num_text > m.text.budget:
             raise InputError(f"the prompt is {p.num_text} text tokens; this artifact was built for at most "
@@ -160,7 +160,7 @@ class VLM:
                 stop = "eos"
                 break
             if on_text is not None:
-                piece = stream.push(token)
+                piece = stream.feed(token)
                 if piece:
                     on_text(piece)
             if len(tokens) >= max_new_tokens:

@@ -9,12 +9,14 @@ torchvision is installed) resizes differently and is not what this module reprod
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vtc.runtime.errors import InputError, ModelError
 
@@ -22,24 +24,28 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Processor types (after dropping a "Fast"/"Pil" suffix) -> whether `do_pad` means LLaVA's pad-to-square.
 SUPPORTED_TYPES = {"CLIPImageProcessor": False, "LlavaImageProcessor": True}
-# Keys that never change the pixel values of one image.
-IGNORED_KEYS = {"image_processor_type", "feature_extractor_type", "processor_class", "image_seq_length",
-                "return_tensors", "device", "disable_grouping", "auto_map", "_processor_class"}
 RESAMPLE_FILTERS = {0, 1, 2, 3, 4, 5}  # PIL: NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file, converted to RGB like transformers' ``convert_to_rgb``."""
+    """Open, fully decode and convert an image file like ``transformers.image_utils.load_image``.
+
+    That is what HF processors do with a path: ``ImageOps.exif_transpose`` (upright photos) then a plain
+    ``.convert("RGB")`` (transparent pixels keep their stored colour). A PIL image handed to a processor
+    directly is instead composited onto white (``convert_to_rgb``, applied by ``ImagePreprocessor.__call__``).
+    """
     p = Path(path)
     if not p.exists():
         raise InputError(f"Image file {str(p)!r} does not exist.", "Check the path and pass an existing image file.")
     if p.is_dir():
-        raise InputError(f"Image path {str(p)!r} is a directory, not an image file.", "Pass the path of one image file.")
+        raise InputError(f"Image path {str(p)!r} is a directory, not an image file.",
+                         "Pass the path of one image file.")
     try:
         with Image.open(p) as img:
             img.load()  # force a full decode: catches truncated and corrupt files now, not mid-inference
-            return convert_to_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error,
+            Image.DecompressionBombError) as err:
         raise InputError(
             f"Cannot read {str(p)!r} as an image ({type(err).__name__}: {err}).",
             "Pass a complete, uncorrupted image file (JPEG, PNG, WebP, ...).",
@@ -53,6 +59,28 @@ def convert_to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def read_image_processor_config(checkpoint_dir: str | Path) -> dict:
+    """Mirror ``ImageProcessingMixin.get_image_processor_dict`` for a local directory.
+
+    The config nested in ``processor_config.json["image_processor"]`` (what transformers 5.x saves) wins,
+    else ``preprocessor_config.json``.
+    """
+    d = Path(checkpoint_dir)
+    for name, nested in (("processor_config.json", True), ("preprocessor_config.json", False)):
+        path = d / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ModelError(f"Cannot parse {str(path)!r}: {err}.", "Restore it from the original checkpoint.") from err
+        cfg = data.get("image_processor") if nested and isinstance(data, dict) else data
+        if isinstance(cfg, dict):
+            return cfg
+    raise ModelError(f"{str(d)!r} has no image processor config (preprocessor_config.json, or processor_config.json "
+                     "with an 'image_processor' entry).", "Save the checkpoint's processor with save_pretrained.")
 
 
 def _size_dict(value: Any, default_to_square: bool, key: str) -> dict[str, int]:
@@ -207,6 +235,11 @@ class ImagePreprocessor:
             image_mean=_triple(_pick(cfg, "image_mean", OPENAI_CLIP_MEAN), "image_mean"),
             image_std=_triple(_pick(cfg, "image_std", OPENAI_CLIP_STD), "image_std"),
         )
+
+    @classmethod
+    def from_dir(cls, checkpoint_dir: str | Path) -> ImagePreprocessor:
+        """``from_config`` of the directory's image processor config (see ``read_image_processor_config``)."""
+        return cls.from_config(read_image_processor_config(checkpoint_dir))
 
     @property
     def output_hw(self) -> tuple[int, int] | None:

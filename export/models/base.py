@@ -6,7 +6,6 @@ refused), `trust_remote_code=False`, float32 on CPU, eager attention (the refere
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,18 +69,3 @@ def load_hf(cls, checkpoint_dir: Path) -> nn.Module:
         raise ModelError(f"could not load {checkpoint_dir} as {cls.__name__}: {e}",
                          "Check that the directory is a complete, uncorrupted checkpoint.") from e
     return model.eval()
-
-
-@contextlib.contextmanager
-def truncated_layers(module_list_owner: nn.Module, attr: str, keep: int):
-    """Run an encoder with only its first `keep` layers.
-
-    Why: LLaVA reads features from layer -2; HF still runs the last layer and discards it. Exporting
-    the truncated stack saves that layer's compute in every deployed graph.
-    """
-    layers = getattr(module_list_owner, attr)
-    setattr(module_list_owner, attr, nn.ModuleList(list(layers)[:keep]))
-    try:
-        yield
-    finally:
-        setattr(module_list_owner, attr, layers)

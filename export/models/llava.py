@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from vtc.export.llm import StaticCacheLM
-from vtc.export.models.base import LMSpec, VisualFeatures, VisualSpec, load_hf, truncated_layers
+from vtc.export.models.base import LMSpec, VisualFeatures, VisualSpec, load_hf
 from vtc.runtime.errors import ModelError
 
 
@@ -68,32 +68,30 @@ class LlavaAdapter:
         return model.model.language_model.embed_tokens.weight.detach()
 
     def visual_features(self, model, pixel_values: torch.Tensor, want_cls_attn: bool = False) -> VisualFeatures:
-        """HF's `get_image_features`, on the encoder truncated after the deepest layer it reads.
+        """HF's `get_image_features` math, on the encoder stopped after the deepest layer it reads.
 
-        With `want_cls_attn`, also the head-averaged softmax attention of [CLS] to the patches in the
+        The tower's own modules are called one by one (not through HF's output-capture hooks, which
+        transformers 5.x installs once and would then see the truncated layer list). With
+        `want_cls_attn`, also the head-averaged softmax attention of [CLS] to the patches in the
         encoder layer that produces the feature layer (FasterVLM's `attentions[select_layer]`).
         """
-        tower = model.model.vision_tower
-        encoder = tower.vision_model.encoder
-        n_layers = len(encoder.layers)
-        feat_layers = _positive_layers(model.config.vision_feature_layer, n_layers)
-        keep = max(feat_layers)
-        captured: dict[str, torch.Tensor] = {}
-        hook = None
-        if want_cls_attn:
-            attn_block = encoder.layers[feat_layers[0] - 1]  # produces hidden_states[feat_layer]
-            hook = attn_block.register_forward_pre_hook(
-                lambda _m, args, kwargs: captured.__setitem__("x", args[0] if args else kwargs["hidden_states"]),
-                with_kwargs=True)
-        try:
-            with truncated_layers(encoder, "layers", keep):
-                layer_arg = feat_layers[0] if isinstance(model.config.vision_feature_layer, int) else feat_layers
-                out = model.model.get_image_features(pixel_values, vision_feature_layer=layer_arg)
-        finally:
-            if hook is not None:
-                hook.remove()
-        embeds = torch.cat(list(out.pooler_output), 0)[None]  # [1, N, D]
-        cls_attn = _cls_attention(attn_block, captured["x"]) if want_cls_attn else None
+        cfg = model.config
+        vm = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)  # 5.x flattened CLIP
+        layers = vm.encoder.layers
+        feat_layers = _positive_layers(cfg.vision_feature_layer, len(layers))
+        h = vm.embeddings(pixel_values)  # [1, 1+N, Dv]
+        h = vm.pre_layrnorm(h) if hasattr(vm, "pre_layrnorm") else h
+        states, cls_attn = [h], None
+        for i in range(max(feat_layers)):  # hidden_states[l] is the output of layers[l-1]
+            if want_cls_attn and i == feat_layers[0] - 1:
+                cls_attn = _cls_attention(layers[i], h)
+            out = layers[i](h, None)
+            h = out[0] if isinstance(out, tuple) else out
+            states.append(h)
+        selected = [states[x] for x in feat_layers]
+        if cfg.vision_feature_select_strategy == "default":
+            selected = [x[:, 1:] for x in selected]
+        embeds = model.model.multi_modal_projector(torch.cat(selected, dim=-1))  # [1, N, D]
         return VisualFeatures(embeds=embeds, cls_attn=cls_attn)
 
 

@@ -1,0 +1,86 @@
+"""Multi-step parity: the ONNX runtime's greedy tokens against HF transformers, 32 new tokens.
+
+ratio 1.0: against plain HF `generate(input_ids, pixel_values)` on the HF processor's inputs.
+ratio 0.25 (pool, cls-attn): against the PyTorch reference that applies the same compression to HF's
+own image features and runs HF `generate` on the merged embeddings (vtc.export.reference).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import TINY
+from vtc.runtime.pipeline import VLM
+
+NEW_TOKENS = 32
+PROMPT = "What shapes do you see in the picture?"
+
+
+def _image(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8))
+
+
+def _hf_generate(ckpt, image, n):
+    from transformers import AutoProcessor, GenerationConfig, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(ckpt)
+    model = LlavaForConditionalGeneration.from_pretrained(ckpt, attn_implementation="eager").eval()
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
+                                         add_generation_prompt=True)
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    gc = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        seq = model.generate(**inputs, generation_config=gc)
+    return seq[0, inputs["input_ids"].shape[1]:].tolist(), inputs
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_uncompressed_equals_hf_generate(name, tiny_checkpoints, artifact_factory):
+    art = artifact_factory(name, "none")
+    image = _image(7)
+    expected, inputs = _hf_generate(tiny_checkpoints[name], image, NEW_TOKENS)
+    vlm = VLM(art)
+    prompt = vlm.prepare_prompt(PROMPT)
+    pixels = vlm.prepare_image(image)
+    np.testing.assert_allclose(pixels, inputs["pixel_values"].numpy(), atol=1e-5)
+    n_vis = vlm.manifest.compression.n_visual
+    assert prompt.before + [vlm.manifest.model.image_token_id] * n_vis + prompt.after == inputs["input_ids"][0].tolist()
+    got = vlm.generate_from(pixels, prompt, NEW_TOKENS, ignore_eos=True).token_ids
+    assert got == expected
+    assert len(set(expected)) > 1, "degenerate reference: the test would not discriminate"
+
+
+@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("method", ["pool", "cls-attn"])
+def test_compressed_equals_pytorch_reference(name, method, tiny_checkpoints, artifact_factory):
+    from vtc.export import methods, models
+    from vtc.export.reference import reference_generate
+
+    art = artifact_factory(name, method, 0.25)
+    vlm = VLM(art)
+    adapter = models.resolve(tiny_checkpoints[name])
+    model = adapter.load(tiny_checkpoints[name])
+    spec = adapter.visual_spec(model)
+    m = methods.get(method)
+    plan = m.plan(spec, 0.25, {})
+    assert plan.k == vlm.manifest.compression.k_visual
+    image = _image(11)
+    prompt, pixels = vlm.prepare_prompt(PROMPT), vlm.prepare_image(image)
+    ref = reference_generate(adapter, model, m, plan, spec, torch.from_numpy(pixels), prompt.before, prompt.after,
+                             NEW_TOKENS)
+    res = vlm.generate_from(pixels, prompt, NEW_TOKENS, ignore_eos=True)
+    assert res.kept_indices == ref.kept_index
+    assert res.token_ids == ref.tokens
+    assert len(set(ref.tokens)) > 1
+
+
+def test_ratio_quarter_budgets(artifact_factory):
+    """K recorded in the manifest follows the budget rule (nearest feasible K for pool)."""
+    m = VLM(artifact_factory("mha-default", "pool", 0.25)).manifest.compression
+    assert (m.n_visual, m.k_visual, m.options["window"]) == (64, 16, 2)
+    m = VLM(artifact_factory("gqa-full", "cls-attn", 0.25)).manifest.compression
+    assert (m.n_visual, m.k_visual) == (65, 16)
