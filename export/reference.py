@@ -42,12 +42,20 @@ def hf_visual_features(adapter, model, pixel_values: torch.Tensor, want_cls_attn
 
 
 def _greedy(model, max_new_tokens: int, **inputs) -> tuple[list[int], list]:
+    """HF greedy generate for exactly max_new_tokens (EOS disabled: HF merges the model's own
+    generation_config over the one passed in, so its eos_token_id is cleared for the call)."""
     from transformers import GenerationConfig
 
     gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
                           output_logits=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        out = model.generate(**inputs, generation_config=gc)
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, generation_config=gc)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert len(out.logits) == max_new_tokens, "HF generate stopped early"
     new = out.sequences[0, -max_new_tokens:].tolist()
     return new, [lg[0].float() for lg in out.logits]
 

@@ -33,8 +33,10 @@ def _hf_generate(ckpt, image, n):
                                          add_generation_prompt=True)
     inputs = processor(images=image, text=text, return_tensors="pt")
     gc = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generation_config.eos_token_id = None  # generate merges it over gc; run exactly n tokens
     with torch.no_grad():
         seq = model.generate(**inputs, generation_config=gc)
+    assert seq.shape[1] == inputs["input_ids"].shape[1] + n
     return seq[0, inputs["input_ids"].shape[1]:].tolist(), inputs
 
 
