@@ -36,8 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_verify(sub)
     _add_inspect(sub)
-    sub.add_parser("list", help="list supported architectures and compression methods",
-                   description="List supported architectures and compression methods.")
+    _sub(sub, "list", "list supported architectures and compression methods", """
+          vtc-export list
+        """)
     return p
 
 

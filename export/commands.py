@@ -111,7 +111,8 @@ def cmd_verify(args, _parse_options) -> int:
     print_parity(out, report)
     from vtc.export.parity import raise_if_failed
 
-    raise_if_failed(report)
+    raise_if_failed(report, fix="Rebuild the artifact from its checkpoint (its graphs were modified after the build, "
+                    "or --model is a different checkpoint); if a fresh build fails too, report it as a vtc bug.")
     out.print("[green]verify: ok[/]")
     return 0
 

@@ -8,6 +8,7 @@ Feeds are numpy arrays; the KV cache arrays are bound without copies (OrtValue s
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ class GraphSession:
         self.spec = spec
         self.input_names = [t.name for t in spec.inputs]
         self.output_names = [t.name for t in spec.outputs]
+        self.calls = 0  # run() calls, and seconds inside the backend's own inference call (set by
+        self.seconds = 0.0  # run_impl), so profilers can split runtime overhead from backend time
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         missing = [n for n in self.input_names if n not in feeds]
@@ -30,6 +33,7 @@ class GraphSession:
         if missing or extra:
             raise InputError(f"graph {self.spec.file}: missing inputs {missing}, unexpected inputs {extra}.",
                              "This is a runtime/artifact mismatch: rebuild the artifact with this vtc.")
+        self.calls += 1
         return self.run_impl(feeds)
 
     def run_impl(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -56,10 +60,23 @@ class OrtSession(GraphSession):
         except Exception as e:  # onnxruntime raises its own untyped errors (Fail, InvalidGraph, ...)
             raise BackendError(f"ONNX Runtime could not load {path}: {e}", "Rebuild the artifact.") from e
         self._ortvalue = ort.OrtValue.ortvalue_from_numpy
+        self._bound: dict[str, tuple[np.ndarray, object]] = {}  # name -> (array, OrtValue sharing its memory)
+
+    def _value(self, name: str, array: np.ndarray):
+        """OrtValue for a feed; reused while the same array object is fed again (the KV cache views)."""
+        hit = self._bound.get(name)
+        if hit is not None and hit[0] is array:
+            return hit[1]
+        value = self._ortvalue(np.ascontiguousarray(array))
+        if array.flags.c_contiguous:
+            self._bound[name] = (array, value)
+        return value
 
     def run_impl(self, feeds):
-        values = {k: self._ortvalue(np.ascontiguousarray(v)) for k, v in feeds.items()}
+        values = {k: self._value(k, v) for k, v in feeds.items()}
+        t0 = time.perf_counter()
         outs = self.session.run_with_ort_values(self.output_names, values)
+        self.seconds += time.perf_counter() - t0
         return [o.numpy() for o in outs]
 
 

@@ -19,7 +19,13 @@ class StaticKVCache:
         self.max_len = max_len
         self.buffer = np.zeros((num_layers, 2, 1, num_kv_heads, max_len, head_dim), dtype=dtype)
         self.lengths = np.zeros(num_layers, dtype=np.int64)  # [L]
-        self._empty = np.zeros((1, num_kv_heads, 0, head_dim), dtype=dtype)
+        empty = np.zeros((1, num_kv_heads, 0, head_dim), dtype=dtype)
+        # The same view objects every step, so backends can bind them once (zero-copy).
+        self._prefill_feeds, self._decode_feeds = {}, {}
+        for i in range(num_layers):
+            for j, kind in enumerate(("key", "value")):
+                self._prefill_feeds[f"past_{kind}.{i}"] = empty
+                self._decode_feeds[f"past_{kind}.{i}"] = self.buffer[i, j]
 
     @property
     def num_layers(self) -> int:
@@ -38,11 +44,7 @@ class StaticKVCache:
 
     def past_feeds(self, empty: bool) -> dict[str, np.ndarray]:
         """{past_key.i, past_value.i}: zero-length at prefill, full-length views at decode."""
-        feeds = {}
-        for i in range(self.num_layers):
-            feeds[f"past_key.{i}"] = self._empty if empty else self.buffer[i, 0]
-            feeds[f"past_value.{i}"] = self._empty if empty else self.buffer[i, 1]
-        return feeds
+        return self._prefill_feeds if empty else self._decode_feeds
 
     def write(self, presents: list[np.ndarray]) -> None:
         """presents = [key.0, value.0, key.1, ...], each [1, Hkv, S, Dh]: append at each layer's length."""

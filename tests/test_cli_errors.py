@@ -1,0 +1,367 @@
+"""`vtc-export` on bad input: one clear `error: ...` line on stderr, a non-zero exit, nothing half-written.
+
+Most tests call `vtc.export.cli.main([...])` in-process (it returns the exit code); Ctrl-C runs the real
+console script as a subprocess. Artifacts are copied to tmp_path before they are tampered with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vtc.export.cli import main
+from vtc.runtime import manifest as mf
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = REPO / "examples" / "shapes.png"
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `vtc-export ARGV` run in-process."""
+    capsys.readouterr()  # drop anything captured before
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def error_line(err: str) -> str:
+    """The one `error: ...` line; fails if there is none, several, or the message spans lines."""
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, f"expected exactly one 'error:' line in stderr:\n{err}"
+    tail = err[err.index("error:"):]
+    assert tail.count("\n") == 1 and tail.endswith("\n"), f"the error message spans several lines:\n{tail}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def assert_fails(capsys, *argv, code: int | None = None, contains: tuple[str, ...] = ()) -> str:
+    rc, _out, err = run_cli(capsys, *argv)
+    assert rc != 0, f"`vtc-export {' '.join(map(str, argv))}` exited 0; stderr:\n{err}"
+    if code is not None:
+        assert rc == code, err
+    line = error_line(err)
+    for s in contains:
+        assert s in line, f"{s!r} not in {line!r}"
+    return line
+
+
+def no_partials(parent: Path) -> list[str]:
+    """Temp dirs a build may leave next to its output (none expected)."""
+    return sorted(p.name for p in parent.glob(".*") if ".partial-" in p.name or ".old-" in p.name)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_checkpoints) -> Path:
+    return tiny_checkpoints["mha-default"]
+
+
+@pytest.fixture(scope="module")
+def art(artifact_factory) -> Path:
+    """A built artifact (shared: never modify it; copy it with `art_copy`)."""
+    return artifact_factory("mha-default", "none")
+
+
+@pytest.fixture
+def art_copy(art, tmp_path) -> Path:
+    dst = tmp_path / "art"
+    shutil.copytree(art, dst)
+    return dst
+
+
+# -- 1. build: bad inputs --------------------------------------------------------------------------
+def _bad_dirs(tmp_path: Path) -> dict[str, Path]:
+    text_only = tmp_path / "llama-text"
+    text_only.mkdir()
+    (text_only / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2}))
+    no_config = tmp_path / "no-config"
+    no_config.mkdir()
+    (no_config / "model.safetensors").write_bytes(b"")
+    qwen = tmp_path / "qwen2-vl"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps(
+        {"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"], "vision_config": {}}))
+    return {"text_only": text_only, "no_config": no_config, "qwen": qwen}
+
+
+@pytest.mark.parametrize("case, contains", [
+    ("missing", ("does not exist", "--model")),
+    ("text_only", ("not a vision-language checkpoint", "llava")),
+    ("no_config", ("config.json",)),
+    ("qwen", ("unsupported architecture", "qwen2_vl", "Supported: llava")),
+])
+def test_build_bad_model_dir(capsys, tmp_path, case, contains):
+    model = tmp_path / "does-not-exist" if case == "missing" else _bad_dirs(tmp_path)[case]
+    out = tmp_path / "out" / "art"
+    assert_fails(capsys, "build", "--model", model, "--output", out, contains=contains)
+    assert not out.exists() and not out.parent.exists()
+    assert no_partials(tmp_path) == []
+
+
+@pytest.mark.parametrize("ratio", ["0", "-0.5", "1.5"])
+def test_build_ratio_out_of_range(capsys, tmp_path, ckpt, ratio):
+    out = tmp_path / "art"
+    line = assert_fails(capsys, "build", "--model", ckpt, "--ratio", ratio, "--output", out, code=2,
+                        contains=("--ratio", "out of range", "0 < ratio <= 1"))
+    assert str(float(ratio)) in line
+    assert not out.exists() and no_partials(tmp_path) == []
+
+
+def test_build_unknown_method_lists_methods(capsys, tmp_path, ckpt):
+    out = tmp_path / "art"
+    assert_fails(capsys, "build", "--model", ckpt, "--method", "zip", "--output", out, code=2,
+                 contains=("unknown compression method 'zip'", "none", "pool", "cls-attn"))
+    assert not out.exists() and no_partials(tmp_path) == []
+
+
+def test_build_unknown_method_option(capsys, tmp_path, ckpt):
+    out = tmp_path / "art"
+    assert_fails(capsys, "build", "--model", ckpt, "--method-opt", "bogus=1", "--output", out, code=2,
+                 contains=("no option 'bogus'", "window"))
+    assert_fails(capsys, "build", "--model", ckpt, "--method-opt", "bogus", "--output", out, code=2,
+                 contains=("KEY=VALUE",))
+    assert not out.exists() and no_partials(tmp_path) == []
+
+
+def test_build_existing_output_needs_force(capsys, tmp_path, ckpt):
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_fails(capsys, "build", "--model", ckpt, "--output", out, code=2, contains=("already exists", "--force"))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert no_partials(tmp_path) == []
+
+
+def test_build_force_replaces_output(capsys, tmp_path, ckpt):
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    rc, stdout, err = run_cli(capsys, "build", "--model", ckpt, "--output", out, "--force", "--method", "pool",
+                              "--ratio", "0.25", "--max-seq-len", "256", "--text-budget", "48", "--parity-tokens", "2")
+    assert rc == 0, err
+    assert not (out / "keep.txt").exists()
+    m = mf.load(out, check_files=True)  # a complete, valid artifact
+    assert (m.compression.method, m.compression.k_visual) == ("pool", 16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no .partial-*/.old-* left behind
+    assert "artifact:" in stdout
+
+
+# -- 2. run: bad inputs ----------------------------------------------------------------------------
+def _truncated_jpeg(path: Path) -> Path:
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    img.save(path, "JPEG")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("case, contains", [
+    ("missing", ("does not exist",)),
+    ("directory", ("is a directory",)),
+    ("text_as_png", ("Cannot read", "x.png", "as an image")),
+    ("truncated_jpeg", ("Cannot read", "cut.jpg", "as an image")),
+])
+def test_run_bad_image(capsys, tmp_path, art, case, contains):
+    image = {"missing": lambda: tmp_path / "nope.png",
+             "directory": lambda: tmp_path,
+             "text_as_png": lambda: (tmp_path / "x.png", (tmp_path / "x.png").write_text("not an image"))[0],
+             "truncated_jpeg": lambda: _truncated_jpeg(tmp_path / "cut.jpg")}[case]()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert_fails(capsys, "run", art, "--image", image, "--prompt", "What is this?", code=1, contains=contains)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_run_prompt_over_text_budget(capsys, art):
+    budget = mf.load(art).text.budget
+    assert budget == 48
+    assert_fails(capsys, "run", art, "--image", SHAPES, "--prompt", " ".join(["red"] * (budget + 10)), code=1,
+                 contains=(f"at most {budget}", "--text-budget"))
+
+
+def test_run_raw_prompt_without_image_token(capsys, art):
+    assert_fails(capsys, "run", art, "--image", SHAPES, "--prompt", "Describe the picture.", "--raw", code=1,
+                 contains=("--raw", "<image>"))
+
+
+def test_run_ok_baseline(capsys, art):
+    """The same artifact and image work: the failures above are about the bad input only."""
+    rc, out, err = run_cli(capsys, "run", art, "--image", SHAPES, "--prompt", "What is this?", "--max-new-tokens", "3",
+                           "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert 1 <= len(res["token_ids"]) <= 3
+
+
+# -- 3. damaged artifacts: run, inspect, verify ----------------------------------------------------
+def _edit_manifest(d: Path, fn) -> None:
+    p = d / mf.MANIFEST
+    data = json.loads(p.read_text())
+    fn(data)
+    p.write_text(json.dumps(data, indent=2))
+
+
+def _flip_bytes(p: Path, at: int = 1000, n: int = 8) -> None:
+    b = bytearray(p.read_bytes())
+    for i in range(at, at + n):
+        b[i] ^= 0xFF
+    p.write_bytes(bytes(b))
+
+
+TAMPER = {
+    "missing_vision": (lambda d: (d / "vision.onnx").unlink(), ("vision.onnx", "missing", "rebuild")),
+    "appended_llm_data": (lambda d: open(d / "llm.onnx.data", "ab").write(b"\0"),
+                          ("checksum mismatch", "llm.onnx.data", "Rebuild")),
+    "flipped_vision": (lambda d: _flip_bytes(d / "vision.onnx"), ("checksum mismatch", "vision.onnx", "Rebuild")),
+    "invalid_json": (lambda d: (d / mf.MANIFEST).write_text('{"schema": "vtc.artifact",'),
+                     ("manifest.json", "not valid JSON", "rebuild")),
+    "unknown_key": (lambda d: _edit_manifest(d, lambda m: m.update(extra=1)), ("unknown keys ['extra']", "rebuild")),
+    "unknown_nested_key": (lambda d: _edit_manifest(d, lambda m: m["text"].update(extra=1)),
+                           ("manifest text has unknown keys ['extra']",)),
+    "missing_key": (lambda d: _edit_manifest(d, lambda m: m.pop("lm")), ("missing keys ['lm']", "rebuild")),
+    "newer_schema": (lambda d: _edit_manifest(d, lambda m: m.update(schema_version=mf.SCHEMA_VERSION + 1)),
+                     (f"schema version {mf.SCHEMA_VERSION + 1}", "Upgrade vtc")),
+    "no_manifest": (lambda d: (d / mf.MANIFEST).unlink(), ("no manifest.json", "vtc-export build")),
+}
+
+
+def _command(cmd: str, d: Path) -> list:
+    return {"run": ["run", d, "--image", SHAPES, "--prompt", "What is this?", "--max-new-tokens", "2"],
+            "inspect": ["inspect", d],
+            "verify": ["verify", d, "--tokens", "2"]}[cmd]
+
+
+@pytest.mark.parametrize("cmd", ["run", "inspect", "verify"])
+@pytest.mark.parametrize("damage", list(TAMPER))
+def test_damaged_artifact(capsys, art_copy, cmd, damage):
+    tamper, contains = TAMPER[damage]
+    tamper(art_copy)
+    files = {p.name: p.stat().st_size for p in art_copy.iterdir()}
+    assert_fails(capsys, *_command(cmd, art_copy), code=1, contains=contains)
+    assert {p.name: p.stat().st_size for p in art_copy.iterdir()} == files  # nothing rewritten
+
+
+@pytest.mark.parametrize("cmd", ["run", "inspect", "verify"])
+def test_missing_artifact_dir(capsys, tmp_path, cmd):
+    assert_fails(capsys, *_command(cmd, tmp_path / "nope"), code=1, contains=("does not exist", "vtc-export build"))
+
+
+def _rewrite_file_table(d: Path) -> None:
+    """What a determined tamperer does: also update the checksums in the manifest."""
+    _edit_manifest(d, lambda m: m.update(files=mf.file_table(d)))
+
+
+def test_verify_catches_tampered_graph_with_updated_checksums(capsys, art_copy):
+    """Checksums cannot catch this; verify's parity against the PyTorch checkpoint must."""
+    import onnx
+    from onnx import numpy_helper
+
+    path = art_copy / "vision.onnx"
+    model = onnx.load(str(path))
+    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    w = numpy_helper.to_array(init)
+    # random (not constant) noise: a constant shift of the patch embedding would be undone by LayerNorm
+    w = w + np.random.default_rng(0).standard_normal(w.shape).astype(w.dtype) * 0.5
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(path))
+    _rewrite_file_table(art_copy)
+    rc, _out, err = run_cli(capsys, "inspect", art_copy)
+    assert rc == 0, err  # the manifest is consistent: only a parity check can tell
+    report = art_copy.parent / "report.json"
+    rc, out, err = run_cli(capsys, "verify", art_copy, "--tokens", "2", "--json", report)
+    assert rc == 1
+    line = error_line(err)
+    assert "do not match the PyTorch model" in line and "vision" in line
+    assert "Rebuild" in line
+    assert "verify: ok" not in out
+    assert json.loads(report.read_text())["ok"] is False
+
+
+def test_run_unloadable_graph_with_updated_checksums(capsys, art_copy):
+    (art_copy / "vision.onnx").write_bytes(b"\xff" * 64)
+    _rewrite_file_table(art_copy)
+    assert_fails(capsys, *_command("run", art_copy), code=1, contains=("could not load", "vision.onnx", "Rebuild"))
+
+
+# -- 4. Ctrl-C during build ------------------------------------------------------------------------
+def _vtc_export_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("vtc-export")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "vtc.export.cli"]
+
+
+def _wait_for(cond, proc, timeout: float, what: str, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = cond()
+        if found:
+            return found
+        if proc.poll() is not None:
+            pytest.fail(f"vtc-export exited ({proc.returncode}) before {what}:\n{log.read_text()}")
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}:\n{log.read_text()}")
+
+
+def test_ctrl_c_during_build_leaves_nothing(tmp_path, ckpt):
+    parent = tmp_path / "arts"
+    parent.mkdir()
+    out = parent / "art"
+    log = tmp_path / "stderr.txt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # A shell that runs us in the background may ignore SIGINT, and ignored signals stay ignored across
+    # exec: make sure the child starts with the default disposition (Python then raises KeyboardInterrupt).
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with open(log, "wb") as errf:
+            proc = subprocess.Popen([*_vtc_export_cmd(), "build", "--model", str(ckpt), "--output", str(out),
+                                     "--max-seq-len", "256", "--text-budget", "48"],
+                                    stdout=subprocess.DEVNULL, stderr=errf, env=env, cwd=tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    try:
+        partial = _wait_for(lambda: next(iter(parent.glob(".art.partial-*")), None), proc, 300,
+                            "the .art.partial-* directory", log)
+        # The temp dir exists once mkdtemp returned; the first file in it proves the child is past
+        # mkdtemp and inside the cleanup guard, exporting (vision.onnx, then the LLM and parity follow).
+        _wait_for(lambda: partial.is_dir() and any(partial.iterdir()), proc, 300, "the first exported file", log)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = log.read_text()
+    assert rc == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not out.exists(), err
+    assert list(parent.iterdir()) == [], err
+
+
+# -- 5. help and list ------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [[], ["build"], ["run"], ["verify"], ["inspect"], ["list"]])
+def test_help_has_examples(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "\nexamples:\n" in out
+    assert "vtc-export " + (argv[0] if argv else "") in out.split("\nexamples:\n", 1)[1]
+
+
+def test_list(capsys):
+    rc, out, err = run_cli(capsys, "list")
+    assert rc == 0, err
+    for name in ("pool", "cls-attn", "none", "llava"):
+        assert name in out

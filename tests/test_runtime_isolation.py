@@ -1,0 +1,125 @@
+"""The on-device runtime needs neither torch nor transformers.
+
+Each test runs a fresh interpreter in which a `sys.meta_path` finder makes every import of torch or
+transformers (and their submodules) fail, before anything of vtc is imported; then it uses the runtime
+(`VLM`) and the `run` / `inspect` commands of the CLI on an artifact built by the session fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = REPO / "examples" / "shapes.png"
+PROMPT = "What shapes are in the picture?"
+
+BLOCK = textwrap.dedent("""
+    import sys
+
+    BLOCKED = ("torch", "transformers")
+    already = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    if already:
+        raise SystemExit(f"imported before the blocker was installed: {already}")
+
+    class BlockHeavyImports:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"import of {name!r} is blocked: the vtc runtime must not need it")
+            return None
+
+    sys.meta_path.insert(0, BlockHeavyImports())
+
+    def assert_still_clean():
+        leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        assert not leaked, leaked
+""")
+
+
+def run_blocked(body: str, *args, tmp_path: Path) -> subprocess.CompletedProcess:
+    code = BLOCK + textwrap.dedent(body)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def art(artifact_factory) -> Path:
+    return artifact_factory("mha-default", "none")
+
+
+def test_blocker_blocks(tmp_path):
+    """The harness itself: torch really cannot be imported in the blocked interpreter."""
+    run_blocked("""
+        try:
+            import torch  # noqa: F401
+        except ImportError as e:
+            assert "blocked" in str(e)
+        else:
+            raise AssertionError("torch was importable")
+        try:
+            from transformers import LlavaForConditionalGeneration  # noqa: F401
+        except ImportError as e:
+            assert "blocked" in str(e)
+        else:
+            raise AssertionError("transformers was importable")
+    """, tmp_path=tmp_path)
+
+
+def test_vlm_generates_without_torch(tmp_path, art):
+    proc = run_blocked("""
+        import json
+        from vtc.runtime.pipeline import VLM
+
+        art, image, prompt = sys.argv[1:4]
+        vlm = VLM(art)
+        res = vlm.generate(image, prompt, max_new_tokens=4)
+        assert_still_clean()
+        print(json.dumps({"token_ids": res.token_ids, "stop_reason": res.stop_reason, "text": res.text}))
+    """, art, SHAPES, PROMPT, tmp_path=tmp_path)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["stop_reason"] in ("eos", "max_new_tokens")
+    assert len(got["token_ids"]) == 4 or got["stop_reason"] == "eos"
+
+    from vtc.runtime.pipeline import VLM  # same result as in this (torch-importing) interpreter
+
+    ref = VLM(art).generate(SHAPES, PROMPT, max_new_tokens=4)
+    assert got["token_ids"] == ref.token_ids and got["text"] == ref.text
+
+
+def test_cli_run_and_inspect_without_torch(tmp_path, art):
+    proc = run_blocked("""
+        from vtc.export.cli import main
+
+        art, image, prompt = sys.argv[1:4]
+        print("@@run", flush=True)
+        rc_run = main(["run", art, "--image", image, "--prompt", prompt, "--max-new-tokens", "4", "--json"])
+        sys.stdout.flush()
+        print("@@inspect", flush=True)
+        rc_inspect = main(["inspect", art])
+        sys.stdout.flush()
+        print("@@inspect-json", flush=True)
+        rc_json = main(["inspect", art, "--json"])
+        sys.stdout.flush()
+        assert_still_clean()
+        print("@@end", flush=True)
+        sys.exit(rc_run or rc_inspect or rc_json)
+    """, art, SHAPES, PROMPT, tmp_path=tmp_path)
+    out = proc.stdout
+    assert "@@end" in out, proc.stderr
+    run_out = out.split("@@run\n", 1)[1].split("@@inspect\n", 1)[0]
+    inspect_out = out.split("@@inspect\n", 1)[1].split("@@inspect-json\n", 1)[0]
+    json_out = out.split("@@inspect-json\n", 1)[1].split("@@end\n", 1)[0]
+    res = json.loads(run_out)
+    assert 1 <= len(res["token_ids"]) <= 4 and res["visual_tokens"]["kept"] == 64
+    assert "llava" in inspect_out and "vision.onnx" in inspect_out
+    assert json.loads(json_out)["schema"] == "vtc.artifact"
+    assert "error" not in proc.stderr.lower()
