@@ -86,8 +86,7 @@ def prepare(args: BuildArgs, step: Callable) -> dict:
     demo = is_demo(src)
     name = "demo-llava" if demo else src.resolve().name
     out = Path(args.output) if args.output else default_output(name, method.name, ratio)
-    if out.exists() and not args.force:
-        raise UsageError(f"output directory {out} already exists.", "Pass --force to replace it, or choose --output.")
+    _check_output(out, src, args.force)
     with step(f"loading {adapter.model_type} checkpoint"):
         model = adapter.load(src)
     spec = adapter.visual_spec(model)
@@ -99,29 +98,56 @@ def prepare(args: BuildArgs, step: Callable) -> dict:
     return dict(src=src, adapter=adapter, model=model, method=method, plan=plan, spec=spec, out=out, demo=demo)
 
 
+def _check_output(out: Path, src: Path, force: bool) -> None:
+    """The output may be new, or (with --force) an existing vtc artifact or empty directory; never
+    a file, the source checkpoint, or a directory that holds something else."""
+    if not out.exists():
+        return
+    if not force:
+        raise UsageError(f"output directory {out} already exists.", "Pass --force to replace it, or choose --output.")
+    if not out.is_dir():
+        raise UsageError(f"--output {out} is an existing file, not an artifact directory.", "Choose another --output.")
+    resolved = out.resolve()
+    if resolved == src.resolve() or resolved in src.resolve().parents:
+        raise UsageError(f"--output {out} is (or contains) the source checkpoint {src}; --force would delete it.",
+                         "Choose another --output.")
+    if any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise UsageError(f"--output {out} is not a vtc artifact (no manifest.json); --force only replaces artifacts.",
+                         "Choose another --output, or empty that directory yourself.")
+
+
 def build(args: BuildArgs, step: Callable) -> Built:
     """Run the whole build. `step(label)` is a context manager the caller uses to show progress."""
     ctx = prepare(args, step)
     out: Path = ctx["out"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    tmp = None
+    try:  # includes KeyboardInterrupt: never leave a partial artifact behind
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        tmp.chmod(0o755)  # mkdtemp makes 0700; an artifact is meant to be shared
         manifest = _write_artifact(tmp, args, ctx, step)
         _move_into_place(tmp, out)
-    except BaseException:  # includes KeyboardInterrupt: never leave a partial artifact behind
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Built(path=out, manifest=manifest, demo=ctx["demo"])
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{dt.datetime.now().strftime('%H%M%S%f')}")
-        out.rename(old)
+    """Rename tmp to out. An existing out is moved aside first and restored if the swap is interrupted."""
+    if not out.exists():
         tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    old = out.with_name(f".{out.name}.old-{dt.datetime.now().strftime('%H%M%S%f')}")
+    out.rename(old)
+    try:
         tmp.rename(out)
+    except BaseException:
+        if not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_artifact(tmp: Path, args: BuildArgs, ctx: dict, step: Callable):

@@ -119,15 +119,24 @@ def _options(pairs: list[str]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from vtc.export import commands
+EXPORT_MODULES = ("torch", "transformers", "onnx", "onnxscript", "safetensors")
 
+
+def main(argv: list[str] | None = None) -> int:
     try:
+        args = _parser().parse_args(argv)
+        from vtc.export import commands
+
         return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args, _options)
     except VtcError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
         return e.exit_code
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in EXPORT_MODULES:
+            raise
+        print(f"error: this command needs {e.name}, which is not installed (the device install has only the "
+              "runtime). Install the exporter: pip install torch==2.13.0 && pip install 'vtc[export]'.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted: nothing was left half-written.", file=sys.stderr)
         return 130

@@ -11,7 +11,8 @@ from pathlib import Path
 from rich.console import Console
 
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# Piped output would be cut at 80 columns (rich's default off a terminal); tables stay whole instead.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -64,9 +65,11 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_shapes,
                                   dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=OPSET,
                                   external_data=external, optimize=True, verbose=False)
         except Exception as e:  # torch.export raises many unrelated types; all mean "could not trace"
-            raise ExportError(f"exporting {path.name} failed: {type(e).__name__}: {e}",
-                              "Please report this with the model config; the exporter log was:\n"
-                              + buf.getvalue()[-2000:]) from e
+            log = Path(tempfile.mkstemp(prefix=f"vtc-export-{path.stem}-", suffix=".log")[1])
+            log.write_text(f"{type(e).__name__}: {e}\n\n{buf.getvalue()}")
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ExportError(f"exporting {path.name} failed: {type(e).__name__}: {first[:300]}",
+                              f"Full exporter log: {log}. Please report it with the model config.") from e
     onnx.checker.check_model(str(path), full_check=False)
 
 

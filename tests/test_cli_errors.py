@@ -80,10 +80,11 @@ def art_copy(art, tmp_path) -> Path:
 
 # -- 1. build: bad inputs --------------------------------------------------------------------------
 def _bad_dirs(tmp_path: Path) -> dict[str, Path]:
-    text_only = tmp_path / "llama-text"
-    text_only.mkdir()
-    (text_only / "config.json").write_text(json.dumps(
-        {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2}))
+    from transformers import LlamaConfig
+
+    text_only = tmp_path / "llama-text"  # a real text-only checkpoint config: no vision_config
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                architectures=["LlamaForCausalLM"]).save_pretrained(text_only)
     no_config = tmp_path / "no-config"
     no_config.mkdir()
     (no_config / "model.safetensors").write_bytes(b"")
@@ -145,6 +146,7 @@ def test_build_existing_output_needs_force(capsys, tmp_path, ckpt):
 def test_build_force_replaces_output(capsys, tmp_path, ckpt):
     out = tmp_path / "art"
     out.mkdir()
+    (out / "manifest.json").write_text("{}")  # an (old, even damaged) artifact may be replaced
     (out / "keep.txt").write_text("old")
     rc, stdout, err = run_cli(capsys, "build", "--model", ckpt, "--output", out, "--force", "--method", "pool",
                               "--ratio", "0.25", "--max-seq-len", "256", "--text-budget", "48", "--parity-tokens", "2")
@@ -154,6 +156,24 @@ def test_build_force_replaces_output(capsys, tmp_path, ckpt):
     assert (m.compression.method, m.compression.k_visual) == ("pool", 16)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no .partial-*/.old-* left behind
     assert "artifact:" in stdout
+
+
+@pytest.mark.parametrize("target", ["plain-dir", "file", "checkpoint"])
+def test_build_force_refuses_what_is_not_an_artifact(capsys, tmp_path, ckpt, target):
+    if target == "plain-dir":
+        out = tmp_path / "photos"
+        out.mkdir()
+        (out / "holiday.jpg").write_text("precious")
+    elif target == "file":
+        out = tmp_path / "notes.txt"
+        out.write_text("precious")
+    else:
+        out = Path(ckpt)
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_text()
+    rc, _, err = run_cli(capsys, "build", "--model", ckpt, "--output", out, "--force")
+    assert rc == 2, err
+    assert "--output" in error_line(err)
+    assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_text()) == before
 
 
 # -- 2. run: bad inputs ----------------------------------------------------------------------------
