@@ -60,6 +60,10 @@ class VLM:
         self.cache = StaticKVCache(m.lm.num_layers, m.lm.num_kv_heads, m.lm.head_dim, m.text.max_seq_len,
                                    m.kv_cache.dtype)
         self.eos = set(m.text.eos_token_ids)
+        # Decode inputs live in persistent arrays updated in place, so the backend binds them once.
+        self._step = {"inputs_embeds": np.zeros((1, 1, self.embed.shape[1]), self.embed.dtype),
+                      "position_ids": np.zeros((1, 1), np.int64), "past_lengths": self.cache.lengths,
+                      "logits_index": np.zeros(1, np.int64), **self.cache.past_feeds(empty=False)}
 
     # -- inputs ----------------------------------------------------------------------------------
     def prepare_prompt(self, prompt: str, raw: bool = False) -> Prompt:
@@ -114,9 +118,9 @@ class VLM:
 
     def decode_step(self, token: int) -> np.ndarray:
         """Feed one token at the next position; returns its logits [V]."""
-        feeds = {"inputs_embeds": self.embed[[token]][None], "position_ids": np.array([[self.position]], np.int64),
-                 "past_lengths": self.cache.lengths.copy(), "logits_index": np.zeros(1, np.int64),
-                 **self.cache.past_feeds(empty=False)}
+        feeds = self._step
+        feeds["inputs_embeds"][0, 0] = self.embed[token]
+        feeds["position_ids"][0, 0] = self.position
         logits, *presents = self.llm.run(feeds)
         self.cache.write(presents)
         self.position += 1

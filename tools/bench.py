@@ -26,7 +26,7 @@ def bench_checkpoint() -> Path:
     from vtc.export.demo import cache_root
     from vtc.export.random_llava import RandomLlavaSpec, write_random_llava
 
-    path = cache_root() / "bench-llava-v1"
+    path = cache_root() / "bench-llava-v2"
     if not (path / "model.safetensors").is_file():
         print(f"writing bench checkpoint to {path} ...", file=sys.stderr)
         write_random_llava(path, RandomLlavaSpec.bench(), seed=0)
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
 
     quiet_transformers()
     ckpt = bench_checkpoint()
-    root = args.workdir or ckpt.parent / "bench-artifacts-v1"
+    root = args.workdir or ckpt.parent / "bench-artifacts-v2"
     variants = [("none", 1.0)] + [(m, 0.25) for m in args.methods.split(",") if m]
     results = {}
     for method, ratio in variants:
