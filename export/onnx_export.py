@@ -1,6 +1,6 @@
 """Tracing the two graphs to plugin-free ONNX (torch.onnx.export, dynamo=True, opset 18).
 
-vision.onnx   pixel_values [1, 3, H, W] -> image_embeds [1, K, D], kept_index [1, K] int64
+vision.onnx   pixel_values [1, 3, H, W] -> image_embeds [1, K, D], kept_index [1, K], token_map [1, N] int64
 llm.onnx      see vtc.export.llm (one graph for prefill and decode; weights in llm.onnx.data)
 """
 
@@ -28,15 +28,14 @@ MAX_SEQ_DIM = 32768
 
 
 class VisionGraph(nn.Module):
-    """Vision tower + projector + compressor: pixel_values -> (image_embeds, kept_index)."""
+    """Vision tower + projector + compressor: pixel_values -> (image_embeds, kept_index, token_map)."""
 
     def __init__(self, adapter, model, method: Method, plan: Plan, spec: VisualSpec):
         super().__init__()
         self.adapter, self.model, self.method, self.plan, self.spec = adapter, model, method, plan, spec
 
     def forward(self, pixel_values):
-        feats = self.adapter.visual_features(self.model, pixel_values, want_cls_attn=self.method.needs_cls_attention)
-        return self.method.compress(feats, self.spec, self.plan)
+        return self.method.vision_forward(self.adapter, self.model, pixel_values, self.spec, self.plan)
 
 
 @contextlib.contextmanager
@@ -92,7 +91,7 @@ def graph_spec(path: Path, profiles: dict | None = None) -> GraphSpec:
 
 def export_vision(graph: VisionGraph, image_size: int, path: Path) -> GraphSpec:
     pixels = torch.randn(1, 3, image_size, image_size)
-    _export(graph, (pixels,), path, ["pixel_values"], ["image_embeds", "kept_index"], None, external=False)
+    _export(graph, (pixels,), path, ["pixel_values"], ["image_embeds", "kept_index", "token_map"], None, external=False)
     return graph_spec(path, {"static": {}})
 
 

@@ -69,10 +69,11 @@ def check(artifact_dir: Path, adapter, model, method, plan, spec, max_new_tokens
     pixels = vlm.prepare_image(parity_image(vlm.preprocessor.output_hw[0]))
     ref = reference_generate(adapter, model, method, plan, spec, torch.from_numpy(pixels), prompt.before,
                              prompt.after, max_new_tokens)
-    image_embeds, kept = vlm.encode_image(pixels)
+    image_embeds, kept, token_map = vlm.encode_image(pixels)
     vision = compare(image_embeds, ref.image_embeds.numpy())
     vision["kept_index_equal"] = kept[0].tolist() == ref.kept_index
-    vision["ok"] = vision["ok"] and vision["kept_index_equal"]
+    vision["token_map_equal"] = token_map[0].tolist() == ref.token_map
+    vision["ok"] = vision["ok"] and vision["kept_index_equal"] and vision["token_map_equal"]
     forced = _teacher_forced_logits(vlm, prompt, image_embeds, ref.tokens)
     prefill = compare(forced[0], ref.step_logits[0].numpy())
     decode = compare(np.stack(forced[1:]), torch.stack(ref.step_logits[1:]).numpy())

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtc.export.methods.base import Plan
+from vtc.export.methods.base import Method, Plan
 from vtc.export.models.base import VisualFeatures
 
 
@@ -22,23 +22,36 @@ class Reference:
     step_logits: list  # [V] float32 tensors: logits that chose each token (step 0 = prefill)
     image_embeds: torch.Tensor  # [1, K, D] after compression
     kept_index: list[int]
+    token_map: list[int]
 
 
-def hf_visual_features(adapter, model, pixel_values: torch.Tensor, want_cls_attn: bool) -> VisualFeatures:
-    """Features via HF's public API only (full tower; attentions from output_attentions)."""
+def hf_visual_features(adapter, model, pixel_values: torch.Tensor) -> VisualFeatures:
+    """The adapter's features with `embeds` and [CLS] attention replaced by HF public-API values
+    (`get_image_features` on the full tower; `output_attentions=True`), so the export path's own
+    encoder walk and attention math are checked, not assumed."""
     cfg = model.config
+    feats = adapter.visual_features(model, pixel_values)
+    hf = model.model.get_image_features(pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+                                        vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+    feats.embeds = torch.cat(list(hf.pooler_output), 0)[None]
+    if adapter.visual_spec(model).cls_attention:
+        layer = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, int) else cfg.vision_feature_layer[0]
+        out = model.model.vision_tower(pixel_values, output_attentions=True, return_dict=True)
+        # hidden_states[l] is produced by layer l-1, i.e. attentions[l-1]; for negative l that is attentions[l].
+        att = out.attentions[layer if layer < 0 else layer - 1]
+        feats._cls_attn = att[:, :, 0, 1:].float().mean(dim=1)
+    return feats
+
+
+def reference_visual(adapter, model, method, plan: Plan, spec, pixel_values: torch.Tensor):
+    """(embeds [1, K, D], kept_index [1, K], token_map [1, N]) in eager PyTorch.
+
+    Methods that only `compress` run on HF's own features; methods that run the encoder themselves
+    (vision_forward overridden, e.g. ToMe) run their eager path."""
     with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values, vision_feature_layer=cfg.vision_feature_layer,
-                                               vision_feature_select_strategy=cfg.vision_feature_select_strategy)
-        embeds = torch.cat(list(feats.pooler_output), 0)[None]
-        cls_attn = None
-        if want_cls_attn:
-            layer = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, int) else cfg.vision_feature_layer[0]
-            out = model.model.vision_tower(pixel_values, output_attentions=True, return_dict=True)
-            # hidden_states[l] is produced by layer l-1, i.e. attentions[l-1]; for negative l that is attentions[l].
-            att = out.attentions[layer if layer < 0 else layer - 1]
-            cls_attn = att[:, :, 0, 1:].float().mean(dim=1)
-    return VisualFeatures(embeds=embeds, cls_attn=cls_attn)
+        if type(method).vision_forward is not Method.vision_forward:
+            return method.vision_forward(adapter, model, pixel_values, spec, plan)
+        return method.compress(hf_visual_features(adapter, model, pixel_values), spec, plan)
 
 
 def _greedy(model, max_new_tokens: int, **inputs) -> tuple[list[int], list]:
@@ -63,9 +76,7 @@ def _greedy(model, max_new_tokens: int, **inputs) -> tuple[list[int], list]:
 def reference_generate(adapter, model, method, plan: Plan, spec, pixel_values: torch.Tensor,
                        before: list[int], after: list[int], max_new_tokens: int) -> Reference:
     """Greedy generation of the compressed model in PyTorch (no EOS stop: exactly max_new_tokens)."""
-    feats = hf_visual_features(adapter, model, pixel_values, method.needs_cls_attention)
-    with torch.no_grad():
-        image_embeds, kept = method.compress(feats, spec, plan)
+    image_embeds, kept, token_map = reference_visual(adapter, model, method, plan, spec, pixel_values)
     if plan.k == spec.num_tokens and plan.method == "none":
         ids = torch.tensor([before + [adapter.image_token_id(model)] * spec.num_tokens + after])
         tokens, logits = _greedy(model, max_new_tokens, input_ids=ids, pixel_values=pixel_values,
@@ -75,4 +86,5 @@ def reference_generate(adapter, model, method, plan: Plan, spec, pixel_values: t
         embeds = torch.cat([table[before][None], image_embeds, table[after][None]], dim=1)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long)
         tokens, logits = _greedy(model, max_new_tokens, inputs_embeds=embeds, attention_mask=mask)
-    return Reference(tokens=tokens, step_logits=logits, image_embeds=image_embeds, kept_index=kept[0].tolist())
+    return Reference(tokens=tokens, step_logits=logits, image_embeds=image_embeds, kept_index=kept[0].tolist(),
+                     token_map=token_map[0].tolist())

@@ -41,7 +41,8 @@ class GenerationResult:
     token_ids: list[int]
     stop_reason: str  # "eos" | "max_new_tokens"
     prompt_tokens: int  # text + visual tokens in the prefill
-    kept_indices: list[int]
+    kept_indices: list[int]  # [K] original index each visual token stands for
+    token_map: list[int]  # [N] output visual token each original token went into, -1 = dropped
     timings_ms: dict = field(default_factory=dict)
 
 
@@ -93,10 +94,10 @@ class VLM:
         return self.preprocessor(img)
 
     # -- graphs ----------------------------------------------------------------------------------
-    def encode_image(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(image_embeds [1, K, D], kept_index [1, K])."""
-        embeds, kept = self.vision.run({"pixel_values": pixel_values})
-        return embeds, kept
+    def encode_image(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image_embeds [1, K, D], kept_index [1, K], token_map [1, N])."""
+        embeds, kept, token_map = self.vision.run({"pixel_values": pixel_values})
+        return embeds, kept, token_map
 
     def prefill(self, prompt: Prompt, image_embeds: np.ndarray) -> np.ndarray:
         """Run the whole prompt once; fills the cache; returns last-position logits [V]."""
@@ -153,7 +154,7 @@ class VLM:
         self.check_room(prompt, max_new_tokens)
         sampler, stream = Sampler(sampling), StreamDecoder(self.text)
         t0 = time.perf_counter()
-        image_embeds, kept = self.encode_image(pixel_values)
+        image_embeds, kept, token_map = self.encode_image(pixel_values)
         t1 = time.perf_counter()
         token = sampler(self.prefill(prompt, image_embeds))
         t2 = time.perf_counter()
@@ -186,4 +187,5 @@ class VLM:
         text_ids = [t for t in tokens if t not in self.eos]
         return GenerationResult(text=self.text.decode(text_ids), token_ids=tokens, stop_reason=stop,
                                 prompt_tokens=prompt.num_text + image_embeds.shape[1],
-                                kept_indices=kept[0].tolist(), timings_ms=timings)
+                                kept_indices=kept[0].tolist(), token_map=token_map[0].tolist(),
+                                timings_ms=timings)

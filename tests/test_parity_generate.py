@@ -76,6 +76,7 @@ def test_compressed_equals_pytorch_reference(name, method, tiny_checkpoints, art
                              NEW_TOKENS)
     res = vlm.generate_from(pixels, prompt, NEW_TOKENS, ignore_eos=True)
     assert res.kept_indices == ref.kept_index
+    assert res.token_map == ref.token_map
     assert res.token_ids == ref.tokens
     assert len(set(ref.tokens)) > 1
 

@@ -2,8 +2,15 @@
 
 Budget: K = max(1, round(ratio * N)). A method with a structural constraint (pooling needs a grid
 factor) picks the nearest feasible K and the plan records the K it used.
-Every method produces exactly K tokens (static shapes) and returns the kept token indices in
-original order, [1, K] int64, which the runtime reports (`run --json`).
+Every method produces exactly K tokens (static shapes) and returns, besides the embeddings:
+  kept_index [1, K] int64: the original token each output token stands for (its representative),
+  token_map  [1, N] int64: the output token each original token went into, -1 if it was dropped
+(merging methods map several originals to one output). The runtime reports both (`run --json`).
+
+Where a method operates decides which hook it implements:
+  after the projector / at the feature layer: `compress(feats, spec, plan)` on VisualFeatures;
+  inside the encoder (ToMe): override `vision_forward`, which by default runs the adapter's
+  encoder and then `compress`.
 """
 
 from __future__ import annotations
@@ -86,12 +93,28 @@ class Method:
     def feasible_k(self, spec: VisualSpec, ratio: float, options: dict) -> int:
         return budget(ratio, spec.num_tokens)
 
-    def compress(self, feats: VisualFeatures, spec: VisualSpec, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeds [1, K, D], kept_index [1, K] int64). Traced into the vision graph."""
-        raise NotImplementedError
+    def vision_forward(self, adapter, model, pixel_values: torch.Tensor, spec: VisualSpec, plan: Plan):
+        """pixel_values [1, 3, H, W] -> (embeds [1, K, D], kept_index [1, K], token_map [1, N]).
+
+        Traced into the vision graph; also the project's eager PyTorch path for this method."""
+        return self.compress(adapter.visual_features(model, pixel_values), spec, plan)
+
+    def compress(self, feats: VisualFeatures, spec: VisualSpec, plan: Plan):
+        """(embeds [1, K, D], kept_index [1, K] int64, token_map [1, N] int64)."""
+        raise NotImplementedError(f"method {self.name!r} implements neither compress nor vision_forward")
 
 
-def gather_sorted(embeds: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep `index` [K] rows of embeds [1, N, D] in original order: (embeds [1, K, D], index [1, K])."""
+def token_map_of(index: torch.Tensor, n: int) -> torch.Tensor:
+    """token_map [1, N] for a selection `index` [K] (sorted): position in `index`, or -1.
+
+    One-hot comparison instead of a scatter (static shapes, no ScatterElements in the graph)."""
+    hit = torch.arange(n, dtype=torch.int64)[:, None] == index[None, :]  # [N, K]
+    slot = (hit.to(torch.int64) * torch.arange(index.shape[0], dtype=torch.int64)[None, :]).sum(dim=1)
+    return torch.where(hit.any(dim=1), slot, torch.full_like(slot, -1))[None]
+
+
+def gather_sorted(embeds: torch.Tensor, index: torch.Tensor):
+    """Keep rows `index` [K] of embeds [1, N, D] in original order:
+    (embeds [1, K, D], kept_index [1, K], token_map [1, N])."""
     index = torch.sort(index).values
-    return torch.index_select(embeds, 1, index), index[None]
+    return torch.index_select(embeds, 1, index), index[None], token_map_of(index, embeds.shape[1])

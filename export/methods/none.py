@@ -16,8 +16,8 @@ class NoCompression(Method):
         return spec.num_tokens
 
     def compress(self, feats, spec, plan: Plan):
-        n = feats.embeds.shape[1]
-        return feats.embeds, torch.arange(n, dtype=torch.int64)[None]
+        index = torch.arange(feats.embeds.shape[1], dtype=torch.int64)[None]
+        return feats.embeds, index, index
 
 
 METHOD = NoCompression()

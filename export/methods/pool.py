@@ -3,7 +3,8 @@
 The LLaVolta / "pooling" baseline. Tokens are row-major on a (rows, cols) grid; window s must divide
 both, so K = (rows/s)(cols/s) (+1 when the [CLS] token is among the visual tokens: it is kept as is).
 The window is chosen as the s whose K is nearest round(ratio*N); ties prefer more tokens.
-ratio 0.25 on 24x24 -> s=2 -> 144 tokens. kept_index reports each window's top-left patch.
+ratio 0.25 on 24x24 -> s=2 -> 144 tokens. kept_index reports each window's top-left patch,
+token_map the window every patch was averaged into.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ class Pool(Method):
             if options["window"] not in windows:
                 raise MethodError(f"pool window {options['window']} does not divide the {rows}x{cols} patch grid.",
                                   f"Use one of {windows}.")
-            options["window"] = options["window"]
             return self._k(spec, options["window"])
         target = budget(ratio, spec.num_tokens)
         best = min(windows, key=lambda s: (abs(self._k(spec, s) - target), s))
@@ -51,9 +51,12 @@ class Pool(Method):
         r = torch.arange(rows // s, dtype=torch.int64) * s
         c = torch.arange(cols // s, dtype=torch.int64) * s
         kept = (r[:, None] * cols + c[None, :]).reshape(-1)  # top-left patch of each window
+        pr, pc = torch.arange(rows, dtype=torch.int64) // s, torch.arange(cols, dtype=torch.int64) // s
+        window = (pr[:, None] * (cols // s) + pc[None, :]).reshape(-1)  # [rows*cols]: each patch's window
         if cls is not None:
-            return torch.cat([cls, pooled], 1), torch.cat([torch.zeros(1, dtype=torch.int64), kept + 1])[None]
-        return pooled, kept[None]
+            zero = torch.zeros(1, dtype=torch.int64)
+            return (torch.cat([cls, pooled], 1), torch.cat([zero, kept + 1])[None], torch.cat([zero, window + 1])[None])
+        return pooled, kept[None], window[None]
 
 
 METHOD = Pool()

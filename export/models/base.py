@@ -40,11 +40,42 @@ class LMSpec:
 
 @dataclass
 class VisualFeatures:
-    """What the vision side computes for one image; compression methods read what they need."""
+    """What the vision side computes for one image; methods read what they need (computed lazily).
 
-    embeds: torch.Tensor  # [1, N, D] projected visual tokens
-    cls_attn: torch.Tensor | None  # [1, N_patches] head-averaged [CLS]->patch attention, feature layer
-    keys: torch.Tensor | None = None  # [1, N, Dv] feature-layer keys (head-averaged), when asked for
+    embeds       [1, N, D]      projected visual tokens (what the LM sees uncompressed)
+    states       [1, 1+Np, Dv]  feature-layer hidden states, [CLS] at 0 when the encoder has one
+    block_input  [1, 1+Np, Dv]  input of the encoder block that produces the feature layer
+    block        that block (layer_norm1, self_attn.{q,k,v}_proj, num_heads, head_dim, scale)
+    project      the projector, [1, M, Dv] -> [1, M, D]
+    """
+
+    embeds: torch.Tensor
+    states: torch.Tensor | None = None
+    block_input: torch.Tensor | None = None
+    block: nn.Module | None = None
+    project: object = None
+    _cls_attn: torch.Tensor | None = None
+
+    @property
+    def cls_attn(self) -> torch.Tensor:
+        """[1, Np]: head-averaged softmax attention of [CLS] to the patches in `block`."""
+        if self._cls_attn is None:
+            probs = self.attention_probs(rows=slice(0, 1))  # [1, H, 1, 1+Np]
+            self._cls_attn = probs[:, :, 0, 1:].mean(dim=1)
+        return self._cls_attn
+
+    def attention_probs(self, rows: slice = slice(None)) -> torch.Tensor:
+        """[1, H, R, 1+Np] softmax(q k^T * scale) of `block` for the query rows `rows` (fp32)."""
+        q, k = self.queries_keys()
+        return torch.softmax(torch.matmul(q[:, :, rows], k.transpose(-1, -2)) * self.block.self_attn.scale,
+                             dim=-1, dtype=torch.float32)
+
+    def queries_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([1, H, 1+Np, Dh], [1, H, 1+Np, Dh]): `block`'s queries and keys, as its attention computes them."""
+        attn = self.block.self_attn
+        h = self.block.layer_norm1(self.block_input)
+        shape = (1, h.shape[1], attn.num_heads, attn.head_dim)
+        return (attn.q_proj(h).view(shape).transpose(1, 2), attn.k_proj(h).view(shape).transpose(1, 2))
 
 
 def check_weights(checkpoint_dir: Path) -> None:

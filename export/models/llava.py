@@ -67,13 +67,12 @@ class LlavaAdapter:
         """[V, D]: the runtime gathers text embeddings from this table (no scaling for Llama-family)."""
         return model.model.language_model.embed_tokens.weight.detach()
 
-    def visual_features(self, model, pixel_values: torch.Tensor, want_cls_attn: bool = False) -> VisualFeatures:
+    def visual_features(self, model, pixel_values: torch.Tensor) -> VisualFeatures:
         """HF's `get_image_features` math, on the encoder stopped after the deepest layer it reads.
 
         The tower's own modules are called one by one (not through HF's output-capture hooks, which
-        transformers 5.x installs once and would then see the truncated layer list). With
-        `want_cls_attn`, also the head-averaged softmax attention of [CLS] to the patches in the
-        encoder layer that produces the feature layer (FasterVLM's `attentions[select_layer]`).
+        transformers 5.x installs once, lazily, and which must not see a truncated encoder). Attention
+        maps, keys etc. of the feature block are computed only if a method asks (VisualFeatures).
         """
         cfg = model.config
         vm = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)  # 5.x flattened CLIP
@@ -81,32 +80,26 @@ class LlavaAdapter:
         feat_layers = _positive_layers(cfg.vision_feature_layer, len(layers))
         h = vm.embeddings(pixel_values)  # [1, 1+N, Dv]
         h = vm.pre_layrnorm(h) if hasattr(vm, "pre_layrnorm") else h
-        states, cls_attn = [h], None
+        states, block_input = [h], None
         for i in range(max(feat_layers)):  # hidden_states[l] is the output of layers[l-1]
-            if want_cls_attn and i == feat_layers[0] - 1:
-                cls_attn = _cls_attention(layers[i], h)
+            if i == feat_layers[0] - 1:
+                block_input = h
             out = layers[i](h, None)
             h = out[0] if isinstance(out, tuple) else out
             states.append(h)
         selected = [states[x] for x in feat_layers]
         if cfg.vision_feature_select_strategy == "default":
             selected = [x[:, 1:] for x in selected]
-        embeds = model.model.multi_modal_projector(torch.cat(selected, dim=-1))  # [1, N, D]
-        return VisualFeatures(embeds=embeds, cls_attn=cls_attn)
+        project = model.model.multi_modal_projector
+        embeds = project(torch.cat(selected, dim=-1))  # [1, N, D]
+        return VisualFeatures(embeds=embeds, states=states[feat_layers[0]], block_input=block_input,
+                              block=layers[feat_layers[0] - 1], project=project)
 
-
-def _cls_attention(block, x: torch.Tensor) -> torch.Tensor:
-    """[1, N_patches]: softmax(q_cls k^T * scale) of a CLIP encoder block, averaged over heads.
-
-    x [1, 1+N, Dv] is the block's input; the attention reads layer_norm1(x) like the block does.
-    """
-    attn = block.self_attn
-    h = block.layer_norm1(x)
-    n_heads, head_dim = attn.num_heads, attn.head_dim
-    q = attn.q_proj(h[:, :1]).view(1, 1, n_heads, head_dim).transpose(1, 2)  # [1, H, 1, Dh]
-    k = attn.k_proj(h).view(1, -1, n_heads, head_dim).transpose(1, 2)  # [1, H, 1+N, Dh]
-    probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scale, dim=-1, dtype=torch.float32)
-    return probs[:, :, 0, 1:].mean(dim=1)  # [1, N]
+    def vision_modules(self, model):
+        """(embeddings, pre_norm or None, encoder layers, projector): for methods that run the encoder
+        themselves (ToMe merges inside every block)."""
+        vm = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
+        return vm.embeddings, getattr(vm, "pre_layrnorm", None), vm.encoder.layers, model.model.multi_modal_projector
 
 
 ADAPTER = LlavaAdapter()
