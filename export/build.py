@@ -91,10 +91,12 @@ def prepare(args: BuildArgs, step: Callable) -> dict:
         model = adapter.load(src)
     spec = adapter.visual_spec(model)
     plan = method.plan(spec, ratio, dict(args.method_options))
-    if args.max_seq_len < plan.k + args.text_budget + 1:
-        raise UsageError(f"--max-seq-len {args.max_seq_len} cannot hold {plan.k} visual + {args.text_budget} text "
+    method.check_lm(adapter.lm_spec(model).num_layers, plan)
+    widest = plan.n if method.stage == "llm" else plan.k  # in-LLM methods prefill all N first
+    if args.max_seq_len < widest + args.text_budget + 1:
+        raise UsageError(f"--max-seq-len {args.max_seq_len} cannot hold {widest} visual + {args.text_budget} text "
                          "tokens and one generated token.",
-                         f"Pass --max-seq-len {plan.k + args.text_budget + 256} or lower --text-budget.")
+                         f"Pass --max-seq-len {widest + args.text_budget + 256} or lower --text-budget.")
     return dict(src=src, adapter=adapter, model=model, method=method, plan=plan, spec=spec, out=out, demo=demo)
 
 
@@ -156,25 +158,60 @@ def _write_artifact(tmp: Path, args: BuildArgs, ctx: dict, step: Callable):
 
     adapter, model, method, plan, spec = (ctx[k] for k in ("adapter", "model", "method", "plan", "spec"))
     lm_spec = adapter.lm_spec(model)
-    with step(f"exporting vision encoder + projector + {method.name} ({plan.k} of {plan.n} tokens)"):
-        vision = onnx_export.VisionGraph(adapter, model, method, plan, spec)
-        vision_spec = onnx_export.export_vision(vision, adapter.image_size(model), tmp / "vision.onnx")
-    with step("exporting language model (prefill + decode, static KV cache)"):
-        profiles = {"prefill": {"seq": [plan.k + 1, plan.k + args.text_budget], "past_seq": 0},
-                    "decode": {"seq": 1, "past_seq": args.max_seq_len}}
-        llm_spec = onnx_export.export_llm(adapter.static_cache_lm(model), lm_spec.num_kv_heads,
-                                          lm_spec.hidden_size, tmp / "llm.onnx", profiles)
+    graphs = _export_graphs(tmp, args, ctx, lm_spec, step)
     with step("writing tokenizer, preprocessing and embeddings"):
         side = assets.write(tmp, ctx["src"], adapter, model)
-    draft = _manifest(args, ctx, lm_spec, {"vision": vision_spec, "llm": llm_spec}, side, parity={}, files={})
+    draft = _manifest(args, ctx, lm_spec, graphs, side, parity={}, files={})
     (tmp / mf.MANIFEST).write_text(draft.to_json())
     with step(f"checking parity against PyTorch ({args.parity_tokens} greedy tokens)"):
         report = parity.check(tmp, adapter, model, method, plan, spec, max_new_tokens=args.parity_tokens)
         parity.raise_if_failed(report)
     (tmp / mf.MANIFEST).unlink()
-    final = _manifest(args, ctx, lm_spec, {"vision": vision_spec, "llm": llm_spec}, side, report, mf.file_table(tmp))
+    final = _manifest(args, ctx, lm_spec, graphs, side, report, mf.file_table(tmp))
     (tmp / mf.MANIFEST).write_text(final.to_json())  # last: its presence marks a complete artifact
     return final
+
+
+def _export_graphs(tmp: Path, args: BuildArgs, ctx: dict, lm_spec, step: Callable) -> dict:
+    """vision.onnx, then llm.onnx, or llm_pre/llm_post (+ select.onnx for FastV) for in-LLM methods."""
+    from vtc.export import methods, onnx_export
+
+    adapter, model, method, plan, spec = (ctx[k] for k in ("adapter", "model", "method", "plan", "spec"))
+    in_llm = method.stage == "llm"
+    v_method = methods.get("none") if in_llm else method
+    v_plan = v_method.plan(spec, 1.0, {}) if in_llm else plan
+    graphs = {}
+    with step(f"exporting vision encoder + projector + {v_method.name} ({v_plan.k} of {plan.n} tokens)"):
+        vision = onnx_export.VisionGraph(adapter, model, v_method, v_plan, spec)
+        graphs["vision"] = onnx_export.export_vision(vision, adapter.image_size(model), tmp / "vision.onnx")
+    n_layers, text, kv = lm_spec.num_layers, args.text_budget, lm_spec.num_kv_heads
+    decode = {"seq": 1, "past_seq": args.max_seq_len}
+    if not in_llm:
+        with step("exporting language model (prefill + decode, static KV cache)"):
+            profiles = {"prefill": {"seq": [plan.k + 1, plan.k + text], "past_seq": 0}, "decode": decode}
+            graphs["llm"] = onnx_export.export_llm(adapter.static_cache_lm(model), kv, lm_spec.hidden_size,
+                                                   tmp / "llm.onnx", profiles)
+        return graphs
+    w = plan.options["layer"]
+    with step(f"exporting language model split at layer {w} for {method.name} ({plan.k} of {plan.n} kept)"):
+        pre = {"prefill": {"seq": [plan.n + 1, plan.n + text], "past_seq": 0}, "decode": decode}
+        post = {"prefill": {"seq": [plan.k + 1, plan.k + text], "past_seq": 0}, "decode": decode}
+        graphs["llm_pre"] = onnx_export.export_llm(adapter.static_cache_lm(model, (0, w)), kv, lm_spec.hidden_size,
+                                                   tmp / "llm_pre.onnx", pre)
+        graphs["llm_post"] = onnx_export.export_llm(adapter.static_cache_lm(model, (w, n_layers)), kv,
+                                                    lm_spec.hidden_size, tmp / "llm_post.onnx", post)
+        if method.name == "fastv":
+            graphs["select"] = onnx_export.export_select(onnx_export.SelectGraph(method, plan.n, plan.k),
+                                                         lm_spec.hidden_size, tmp / "select.onnx")
+    return graphs
+
+
+def kv_visual_per_layer(method, plan, num_layers: int) -> list[int]:
+    """Visual tokens each layer's cache holds after prefill (FastV: all N before its layer K)."""
+    if method.stage == "llm" and not method.trims_pre_kv:
+        w = plan.options["layer"]
+        return [plan.n] * w + [plan.k] * (num_layers - w)
+    return [plan.k] * num_layers
 
 
 def _manifest(args, ctx, lm_spec, graphs, side: dict, parity: dict, files: dict):
@@ -190,7 +227,10 @@ def _manifest(args, ctx, lm_spec, graphs, side: dict, parity: dict, files: dict)
         model=mf.ModelInfo(architecture=adapter.model_type, source=str(Path(ctx["src"]).resolve()), demo=ctx["demo"],
                            image_token=adapter.image_token, image_token_id=adapter.image_token_id(model)),
         compression=mf.CompressionInfo(method=plan.method, ratio=plan.ratio, options=dict(plan.options), n_visual=plan.n,
-                                       k_visual=plan.k, grid=list(spec.grid), has_cls=spec.has_cls),
+                                       k_visual=plan.k, grid=list(spec.grid), has_cls=spec.has_cls,
+                                       stage=ctx["method"].stage,
+                                       work_layer=plan.options.get("layer") if ctx["method"].stage == "llm" else None,
+                                       kv_visual_per_layer=kv_visual_per_layer(ctx["method"], plan, lm_spec.num_layers)),
         lm=mf.LMInfo(**asdict(lm_spec)),
         text=mf.TextInfo(budget=args.text_budget, max_seq_len=args.max_seq_len, eos_token_ids=side["eos_token_ids"],
                          chat_template=side["chat_template"]),

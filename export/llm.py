@@ -19,6 +19,12 @@ repeating the cache (HF's `repeat_kv` would copy it).
 
 The math of every sub-module (norms, projections, MLP, rotary embedding) is HF's own module, called as
 is; only the cache handling is ours. Parity against HF `generate` is tested over many decode steps.
+
+In-LLM compression methods (FastV, TokenCarve) split the model at a work layer W into two segments
+with the same cache contract: `llm_pre` = layers [0, W) returns `hidden_states` [1, S, D] and
+`last_attn` [1, S] (head-averaged attention of the last position over the S new keys in layer W-1)
+instead of logits; `llm_post` = layers [W, L) takes `hidden_states` instead of `inputs_embeds`.
+Each segment's `past_lengths` and `past_*` cover its own layers, numbered from its first layer.
 """
 
 from __future__ import annotations
@@ -34,11 +40,13 @@ def rotary_fn(attn_module: nn.Module):
     return sys.modules[type(attn_module).__module__].apply_rotary_pos_emb
 
 
-def split_attention(q, k_new, v_new, k_past, v_past, past_len, scale: float):
+def split_attention(q, k_new, v_new, k_past, v_past, past_len, scale: float, want_last_row: bool = False):
     """Causal attention of S new queries over a masked static past plus the S new keys.
 
     q [1, H, S, Dh]; k_new, v_new [1, Hkv, S, Dh]; k_past, v_past [1, Hkv, P, Dh]; past_len [] int64.
-    Returns [1, S, H*Dh]. Matches HF eager attention: fp32 softmax, scores * scale, masked = min.
+    Returns ([1, S, H*Dh], last_row): last_row [1, S] is the head-averaged attention probability of
+    the last query over the S new keys (None unless asked). Matches HF eager attention: fp32 softmax,
+    scores * scale, masked = finfo.min.
     """
     _, n_heads, seq, head_dim = q.shape
     n_kv = k_new.shape[1]
@@ -56,19 +64,27 @@ def split_attention(q, k_new, v_new, k_past, v_past, past_len, scale: float):
     n_past = k_past.shape[2]
     out = torch.matmul(probs[..., :n_past], v_past) + torch.matmul(probs[..., n_past:], v_new)
     out = out.reshape(1, n_heads, seq, head_dim).transpose(1, 2)  # [1, S, H, Dh]
-    return out.reshape(1, seq, n_heads * head_dim)
+    last_row = None
+    if want_last_row:  # rows of query head (kv, g) at position s are at g*S + s
+        rows = probs[..., n_past:].reshape(1, n_kv, group, seq, seq)[:, :, :, -1, :]  # [1, Hkv, G, S]
+        last_row = rows.float().mean(dim=(1, 2))  # [1, S]
+    return out.reshape(1, seq, n_heads * head_dim), last_row
 
 
 class StaticCacheLM(nn.Module):
     """Llama-family decoder (Llama, Mistral, Qwen2 text) driven by a runtime-owned static cache.
 
     `decoder` is HF's base model (`.layers`, `.norm`, `.rotary_emb`), `lm_head` the output projection.
+    `layers` = (first, end) selects a segment; the last segment ends with norm + lm_head, an earlier
+    one returns its hidden states and the last position's attention row (see the module doc).
     """
 
-    def __init__(self, decoder: nn.Module, lm_head: nn.Module):
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module, layers: tuple[int, int] | None = None):
         super().__init__()
         self.decoder = decoder
         self.lm_head = lm_head
+        self.first, self.end = layers or (0, len(decoder.layers))
+        self.has_head = self.end == len(decoder.layers)
         attn = decoder.layers[0].self_attn
         self.scale = float(attn.scaling)
         self.head_dim = int(attn.head_dim)
@@ -76,9 +92,10 @@ class StaticCacheLM(nn.Module):
 
     @property
     def num_layers(self) -> int:
-        return len(self.decoder.layers)
+        """Layers in this segment."""
+        return self.end - self.first
 
-    def layer(self, i, hidden, cos, sin, k_past, v_past, past_len):
+    def layer(self, i, hidden, cos, sin, k_past, v_past, past_len, want_last_row=False):
         block = self.decoder.layers[i]
         attn = block.self_attn
         x = block.input_layernorm(hidden)  # [1, S, D]
@@ -87,19 +104,24 @@ class StaticCacheLM(nn.Module):
         k = attn.k_proj(x).view(shape).transpose(1, 2)  # [1, Hkv, S, Dh]
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         q, k = self.apply_rope(q, k, cos, sin)
-        a = split_attention(q, k, v, k_past, v_past, past_len, self.scale)
+        a, last_row = split_attention(q, k, v, k_past, v_past, past_len, self.scale, want_last_row)
         hidden = hidden + attn.o_proj(a)
         hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
-        return hidden, k, v
+        return hidden, k, v, last_row
 
-    def forward(self, inputs_embeds, position_ids, past_lengths, logits_index, past):
-        """`past` is the flat tuple (past_key.0, past_value.0, past_key.1, ...). See the module doc."""
-        cos, sin = self.decoder.rotary_emb(inputs_embeds, position_ids)
-        hidden = inputs_embeds
-        presents = []
-        for i in range(self.num_layers):
-            hidden, k, v = self.layer(i, hidden, cos, sin, past[2 * i], past[2 * i + 1], past_lengths[i])
+    def forward(self, hidden, position_ids, past_lengths, logits_index, past):
+        """`hidden` is inputs_embeds (first segment) or hidden_states; `past` the flat tuple
+        (past_key.0, past_value.0, past_key.1, ...) of this segment's layers. See the module doc."""
+        cos, sin = self.decoder.rotary_emb(hidden, position_ids)
+        presents, last_row = [], None
+        for j in range(self.num_layers):
+            want = not self.has_head and j == self.num_layers - 1
+            hidden, k, v, row = self.layer(self.first + j, hidden, cos, sin, past[2 * j], past[2 * j + 1],
+                                           past_lengths[j], want)
+            last_row = row if want else last_row
             presents += [k, v]
+        if not self.has_head:
+            return (hidden, last_row, *presents)
         last = torch.index_select(hidden, 1, logits_index)  # [1, 1, D]
         logits = self.lm_head(self.decoder.norm(last)).float()  # [1, 1, V]
         return (logits.reshape(1, -1), *presents)

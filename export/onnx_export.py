@@ -95,21 +95,63 @@ def export_vision(graph: VisionGraph, image_size: int, path: Path) -> GraphSpec:
     return graph_spec(path, {"static": {}})
 
 
-def llm_io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    kv = [f"{p}_{kind}.{i}" for i in range(num_layers) for p, kind in [("past", "key"), ("past", "value")]]
+def llm_io_names(first: int, end: int, head: bool) -> tuple[list[str], list[str]]:
+    """Input and output names of an LLM segment over layers [first, end); KV names use global layer ids."""
+    kv = [f"past_{kind}.{i}" for i in range(first, end) for kind in ("key", "value")]
     present = [n.replace("past_", "present_") for n in kv]
-    return ["inputs_embeds", "position_ids", "past_lengths", "logits_index", *kv], ["logits", *present]
+    if head:
+        start = "inputs_embeds" if first == 0 else "hidden_states"
+        return [start, "position_ids", "past_lengths", "logits_index", *kv], ["logits", *present]
+    return ["inputs_embeds", "position_ids", "past_lengths", *kv], ["hidden_states", "last_attn", *present]
+
+
+class _NoHead(nn.Module):
+    """A segment that ends before the LM head takes no logits_index."""
+
+    def __init__(self, lm: StaticCacheLM):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, hidden, position_ids, past_lengths, past):
+        return self.lm(hidden, position_ids, past_lengths, None, past)
 
 
 def export_llm(lm: StaticCacheLM, num_kv_heads: int, hidden: int, path: Path, profiles: dict) -> GraphSpec:
     """Trace with S=3, P=4 (torch.export specialises sizes 0 and 1); both dims stay symbolic."""
     n_layers, seq, past = lm.num_layers, 3, 4
-    args = (torch.randn(1, seq, hidden), torch.arange(seq)[None], torch.full((n_layers,), past, dtype=torch.int64),
-            torch.tensor([seq - 1]), tuple(torch.randn(1, num_kv_heads, past, lm.head_dim) for _ in range(2 * n_layers)))
+    kv = tuple(torch.randn(1, num_kv_heads, past, lm.head_dim) for _ in range(2 * n_layers))
     s_dim = torch.export.Dim("seq", min=1, max=MAX_SEQ_DIM)
     p_dim = torch.export.Dim("past_seq", min=0, max=MAX_SEQ_DIM)
-    dyn = {"inputs_embeds": {1: s_dim}, "position_ids": {1: s_dim}, "past_lengths": None, "logits_index": None,
-           "past": tuple({2: p_dim} for _ in range(2 * n_layers))}
-    inputs, outputs = llm_io_names(n_layers)
-    _export(lm, args, path, inputs, outputs, dyn, external=True)
+    common = (torch.randn(1, seq, hidden), torch.arange(seq)[None], torch.full((n_layers,), past, dtype=torch.int64))
+    # torch.onnx matches dynamic_shapes to inputs by position: keep the forward signature's order.
+    dyn = {"hidden": {1: s_dim}, "position_ids": {1: s_dim}, "past_lengths": None}
+    past_dyn = tuple({2: p_dim} for _ in range(2 * n_layers))
+    if lm.has_head:
+        module, args, dyn = lm, (*common, torch.tensor([seq - 1]), kv), {**dyn, "logits_index": None, "past": past_dyn}
+    else:
+        module, args, dyn = _NoHead(lm), (*common, kv), {**dyn, "past": past_dyn}
+    inputs, outputs = llm_io_names(lm.first, lm.end, lm.has_head)
+    _export(module, args, path, inputs, outputs, dyn, external=True)
     return graph_spec(path, profiles)
+
+
+class SelectGraph(nn.Module):
+    """FastV's in-graph selection between llm_pre and llm_post (see vtc.export.methods.fastv)."""
+
+    def __init__(self, method, n: int, k: int):
+        super().__init__()
+        self.method, self.n, self.k = method, n, k
+
+    def forward(self, hidden_states, last_attn, image_start):
+        return self.method.select(hidden_states, last_attn, image_start, self.n, self.k)
+
+
+def export_select(graph: SelectGraph, hidden: int, path: Path) -> GraphSpec:
+    """hidden_states [1, S, D], last_attn [1, S], image_start [1] -> kept_hidden_states [1, S', D], keep_index [1, S']."""
+    seq = graph.n + 5
+    args = (torch.randn(1, seq, hidden), torch.rand(1, seq), torch.tensor([2]))
+    s_dim = torch.export.Dim("seq", min=graph.n + 1, max=MAX_SEQ_DIM)
+    dyn = {"hidden_states": {1: s_dim}, "last_attn": {1: s_dim}, "image_start": None}
+    _export(graph, args, path, ["hidden_states", "last_attn", "image_start"], ["kept_hidden_states", "keep_index"],
+            dyn, external=False)
+    return graph_spec(path, {"prefill": {"seq": "prompt length"}})

@@ -69,20 +69,21 @@ def check(artifact_dir: Path, adapter, model, method, plan, spec, max_new_tokens
     pixels = vlm.prepare_image(parity_image(vlm.preprocessor.output_hw[0]))
     ref = reference_generate(adapter, model, method, plan, spec, torch.from_numpy(pixels), prompt.before,
                              prompt.after, max_new_tokens)
-    image_embeds, kept, token_map = vlm.encode_image(pixels)
+    image_embeds, _, _ = vlm.encode_image(pixels)
     vision = compare(image_embeds, ref.image_embeds.numpy())
-    vision["kept_index_equal"] = kept[0].tolist() == ref.kept_index
-    vision["token_map_equal"] = token_map[0].tolist() == ref.token_map
-    vision["ok"] = vision["ok"] and vision["kept_index_equal"] and vision["token_map_equal"]
     forced = _teacher_forced_logits(vlm, prompt, image_embeds, ref.tokens)
     prefill = compare(forced[0], ref.step_logits[0].numpy())
     decode = compare(np.stack(forced[1:]), torch.stack(ref.step_logits[1:]).numpy())
     result = vlm.generate_from(pixels, prompt, max_new_tokens, ignore_eos=True)
     tokens = _token_check(result.token_ids, ref, prefill["tolerance_max_abs"])
-    ok = vision["ok"] and prefill["ok"] and decode["ok"] and (tokens["equal"] or tokens.get("near_tie", False))
+    selection = {"kept_index_equal": result.kept_indices == ref.kept_index,
+                 "token_map_equal": result.token_map == ref.token_map, "kept": len(result.kept_indices)}
+    selection["ok"] = selection["kept_index_equal"] and selection["token_map_equal"]
+    ok = (vision["ok"] and prefill["ok"] and decode["ok"] and selection["ok"]
+          and (tokens["equal"] or tokens.get("near_tie", False)))
     return {"ok": bool(ok), "new_tokens": max_new_tokens, "prompt": prompt_text, "image": "parity_image(seed=0)",
-            "graphs": {"vision": vision, "llm_prefill": prefill, "llm_decode": decode}, "greedy_tokens": tokens,
-            "tolerance": {"cosine_min": COSINE_MIN, "rel_max_abs": REL_MAX_ABS}}
+            "graphs": {"vision": vision, "llm_prefill": prefill, "llm_decode": decode}, "selection": selection,
+            "greedy_tokens": tokens, "tolerance": {"cosine_min": COSINE_MIN, "rel_max_abs": REL_MAX_ABS}}
 
 
 BUILD_FIX = "This is a vtc bug for this model; please report it with the model config."
@@ -92,6 +93,8 @@ def raise_if_failed(report: dict, fix: str = BUILD_FIX) -> None:
     if report["ok"]:
         return
     bad = [f"{g}: max_abs={r['max_abs']:.3g} cosine={r['cosine']:.6f}" for g, r in report["graphs"].items() if not r["ok"]]
+    if not report.get("selection", {"ok": True})["ok"]:
+        bad.append("the kept/merged visual tokens differ")
     tok = report["greedy_tokens"]
     if not tok["equal"] and not tok.get("near_tie"):
         bad.append(f"greedy tokens differ from step {tok['first_mismatch']}")

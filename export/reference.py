@@ -20,8 +20,8 @@ from vtc.export.models.base import VisualFeatures
 class Reference:
     tokens: list[int]  # greedy new tokens
     step_logits: list  # [V] float32 tensors: logits that chose each token (step 0 = prefill)
-    image_embeds: torch.Tensor  # [1, K, D] after compression
-    kept_index: list[int]
+    image_embeds: torch.Tensor  # [1, K, D]: the vision graph's output (in-LLM methods: all N tokens)
+    kept_index: list[int]  # the final selection: kept visual tokens (in-LLM methods: after pruning)
     token_map: list[int]
 
 
@@ -30,6 +30,11 @@ def hf_visual_features(adapter, model, pixel_values: torch.Tensor) -> VisualFeat
     (`get_image_features` on the full tower; `output_attentions=True`), so the export path's own
     encoder walk and attention math are checked, not assumed."""
     cfg = model.config
+    with torch.no_grad():
+        return _hf_features(adapter, model, pixel_values, cfg)
+
+
+def _hf_features(adapter, model, pixel_values, cfg) -> VisualFeatures:
     feats = adapter.visual_features(model, pixel_values)
     hf = model.model.get_image_features(pixel_values, vision_feature_layer=cfg.vision_feature_layer,
                                         vision_feature_select_strategy=cfg.vision_feature_select_strategy)
@@ -76,6 +81,8 @@ def _greedy(model, max_new_tokens: int, **inputs) -> tuple[list[int], list]:
 def reference_generate(adapter, model, method, plan: Plan, spec, pixel_values: torch.Tensor,
                        before: list[int], after: list[int], max_new_tokens: int) -> Reference:
     """Greedy generation of the compressed model in PyTorch (no EOS stop: exactly max_new_tokens)."""
+    if method.stage == "llm":
+        return _reference_in_llm(adapter, model, method, plan, pixel_values, before, after, max_new_tokens)
     image_embeds, kept, token_map = reference_visual(adapter, model, method, plan, spec, pixel_values)
     if plan.k == spec.num_tokens and plan.method == "none":
         ids = torch.tensor([before + [adapter.image_token_id(model)] * spec.num_tokens + after])
@@ -88,3 +95,72 @@ def reference_generate(adapter, model, method, plan: Plan, spec, pixel_values: t
         tokens, logits = _greedy(model, max_new_tokens, inputs_embeds=embeds, attention_mask=mask)
     return Reference(tokens=tokens, step_logits=logits, image_embeds=image_embeds, kept_index=kept[0].tolist(),
                      token_map=token_map[0].tolist())
+
+
+def _flat(kv: list) -> tuple:
+    return tuple(t for pair in kv for t in pair)
+
+
+def _select(method, plan: Plan, hidden, last_attn, image_start: int):
+    """(hidden [1, S', D], keep [S'], image_kept [K], token_map [N]) with the deployed selection code."""
+    from vtc.runtime import selectors
+
+    n, k = plan.n, plan.k
+    if method.name == "fastv":
+        hidden, keep = method.select(hidden, last_attn, torch.tensor([image_start]), n, k)
+        keep = keep[0]
+        image = keep[(keep >= image_start) & (keep < image_start + n)] - image_start
+        token_map = torch.full((n,), -1, dtype=torch.int64)
+        token_map[image] = torch.arange(image.shape[0])
+        return hidden, keep, image.tolist(), token_map.tolist()
+    sel = selectors.tokencarve(hidden[0].numpy(), last_attn[0].numpy(), image_start, n, k, plan.options["weight"])
+    return (torch.from_numpy(sel.hidden)[None], torch.from_numpy(sel.keep), sel.image_kept.tolist(),
+            sel.merged_into.tolist())
+
+
+def _reference_in_llm(adapter, model, method, plan: Plan, pixel_values, before, after, max_new_tokens: int):
+    """The project's PyTorch path for FastV / TokenCarve: HF features, the eager LLM segments (HF
+    modules, see vtc.export.llm) and the deployed selection, greedy with a growing eager cache."""
+    with torch.no_grad():
+        feats = hf_visual_features(adapter, model, pixel_values)
+    table = adapter.embed_table(model)
+    embeds = torch.cat([table[before][None], feats.embeds, table[after][None]], dim=1)  # [1, S, D]
+    n_layers, w = adapter.lm_spec(model).num_layers, plan.options["layer"]
+    segs = [adapter.static_cache_lm(model, (0, w)), adapter.static_cache_lm(model, (w, n_layers))]
+    kv_shape = (1, adapter.lm_spec(model).num_kv_heads, 0, segs[0].head_dim)
+    kv = [[torch.zeros(kv_shape), torch.zeros(kv_shape)] for _ in range(n_layers)]
+    seq = embeds.shape[1]
+    with torch.no_grad():
+        hidden, last_attn, *pres = segs[0](embeds, torch.arange(seq)[None], torch.zeros(w, dtype=torch.int64), None,
+                                           _flat(kv[:w]))
+        kv[:w] = [[pres[2 * i], pres[2 * i + 1]] for i in range(w)]
+        hidden, keep, kept, token_map = _select(method, plan, hidden, last_attn, len(before))
+        if method.trims_pre_kv:
+            kv[:w] = [[k[:, :, keep], v[:, :, keep]] for k, v in kv[:w]]
+        logits, *pres = segs[1](hidden, keep[None], torch.zeros(n_layers - w, dtype=torch.int64),
+                                torch.tensor([hidden.shape[1] - 1]), _flat(kv[w:]))
+        kv[w:] = [[pres[2 * i], pres[2 * i + 1]] for i in range(n_layers - w)]
+        tokens, step_logits = _eager_decode(segs, kv, table, logits[0], seq, max_new_tokens)
+    return Reference(tokens=tokens, step_logits=step_logits, image_embeds=feats.embeds, kept_index=kept,
+                     token_map=token_map)
+
+
+def _eager_decode(segs, kv: list, table, logits, position: int, max_new_tokens: int):
+    tokens, step_logits = [], [logits.float()]
+    w = segs[0].end
+    for _ in range(max_new_tokens):
+        tokens.append(int(torch.argmax(step_logits[-1])))
+        if len(tokens) == max_new_tokens:
+            break
+        hidden = table[tokens[-1]][None, None]
+        pos = torch.tensor([[position]])
+        for seg, layers in ((segs[0], range(0, w)), (segs[1], range(w, len(kv)))):
+            lengths = torch.tensor([kv[i][0].shape[2] for i in layers])
+            outs = seg(hidden, pos, lengths, torch.tensor([0]) if seg.has_head else None, _flat([kv[i] for i in layers]))
+            presents = outs[1:] if seg.has_head else outs[2:]
+            for j, i in enumerate(layers):
+                kv[i] = [torch.cat([kv[i][0], presents[2 * j]], 2), torch.cat([kv[i][1], presents[2 * j + 1]], 2)]
+            hidden = outs[0]
+        step_logits.append(hidden[0].float())
+        position += 1
+    return tokens, step_logits

@@ -42,18 +42,34 @@ class StaticKVCache:
     def reset(self) -> None:
         self.lengths[:] = 0
 
-    def past_feeds(self, empty: bool) -> dict[str, np.ndarray]:
-        """{past_key.i, past_value.i}: zero-length at prefill, full-length views at decode."""
-        return self._prefill_feeds if empty else self._decode_feeds
+    def past_feeds(self, empty: bool, layers: range | None = None) -> dict[str, np.ndarray]:
+        """{past_key.i, past_value.i} for `layers` (default all): zero-length at prefill, full-length
+        views at decode. The same view objects every call."""
+        feeds = self._prefill_feeds if empty else self._decode_feeds
+        if layers is None or len(layers) == self.num_layers:
+            return feeds
+        names = {f"past_{kind}.{i}" for i in layers for kind in ("key", "value")}
+        return {k: v for k, v in feeds.items() if k in names}
 
-    def write(self, presents: list[np.ndarray]) -> None:
-        """presents = [key.0, value.0, key.1, ...], each [1, Hkv, S, Dh]: append at each layer's length."""
+    def write(self, presents: list[np.ndarray], first: int = 0) -> None:
+        """presents = [key.f, value.f, key.f+1, ...], each [1, Hkv, S, Dh], for layers first.. :
+        append at each layer's own length."""
         seq = presents[0].shape[2]
-        if int(self.lengths.max()) + seq > self.max_len:
+        layers = range(first, first + len(presents) // 2)
+        if int(self.lengths[first:layers.stop].max()) + seq > self.max_len:
             raise InputError(f"the KV cache is full ({self.max_len} positions).",
                              "Ask for fewer new tokens, or rebuild with a larger --max-seq-len.")
-        for i in range(self.num_layers):
+        for j, i in enumerate(layers):
             start = int(self.lengths[i])
-            self.buffer[i, 0, :, :, start:start + seq] = presents[2 * i]
-            self.buffer[i, 1, :, :, start:start + seq] = presents[2 * i + 1]
-        self.lengths += seq
+            self.buffer[i, 0, :, :, start:start + seq] = presents[2 * j]
+            self.buffer[i, 1, :, :, start:start + seq] = presents[2 * j + 1]
+        self.lengths[first:layers.stop] += seq
+
+    def compact(self, layers: range, keep: np.ndarray) -> None:
+        """Keep only entries `keep` [S'] (ascending) of `layers`, moved to the front. Once per prompt
+        (TokenCarve trims the layers before its work layer); never on a decode step."""
+        n = keep.shape[0]
+        for i in layers:
+            layer = self.buffer[i]  # [2, 1, Hkv, M, Dh]
+            layer[:, :, :, :n] = np.take(layer, keep, axis=3)
+            self.lengths[i] = n

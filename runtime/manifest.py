@@ -57,6 +57,9 @@ class CompressionInfo:
     k_visual: int  # K: visual tokens kept (static)
     grid: list  # [rows, cols] patch grid
     has_cls: bool  # visual token 0 is the vision [CLS] token
+    stage: str  # "vision": compressed in the vision graph; "llm": pruned inside the LLM at work_layer
+    work_layer: int | None  # W for stage "llm" (graphs llm_pre = layers [0, W), llm_post = [W, L))
+    kv_visual_per_layer: list  # [L] visual tokens each layer's KV cache holds after prefill
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from vtc.runtime import manifest as mf
 from vtc.runtime.backend import get_backend
 from vtc.runtime.errors import InputError
 from vtc.runtime.kv_cache import StaticKVCache
+from vtc.runtime.lm import LanguageModel
 from vtc.runtime.preprocess import ImagePreprocessor, load_image
 from vtc.runtime.sampling import Sampler, SamplingConfig
 from vtc.runtime.text import StreamDecoder, TextProcessor
@@ -56,15 +57,12 @@ class VLM:
         self.preprocessor = ImagePreprocessor.from_config(m.preprocess)
         self.text = TextProcessor.from_dir(self.dir, image_token=m.model.image_token, model_type=m.model.architecture)
         self.embed = np.load(self.dir / m.embeddings["file"], mmap_mode="r", allow_pickle=False)  # [V, D]
-        self.vision = self.backend.open(self.dir, m.graphs["vision"])
-        self.llm = self.backend.open(self.dir, m.graphs["llm"])
+        sessions = {name: self.backend.open(self.dir, spec) for name, spec in m.graphs.items()}
+        self.vision = sessions.pop("vision")
         self.cache = StaticKVCache(m.lm.num_layers, m.lm.num_kv_heads, m.lm.head_dim, m.text.max_seq_len,
                                    m.kv_cache.dtype)
+        self.lm = LanguageModel(m, sessions, self.cache)
         self.eos = set(m.text.eos_token_ids)
-        # Decode inputs live in persistent arrays updated in place, so the backend binds them once.
-        self._step = {"inputs_embeds": np.zeros((1, 1, self.embed.shape[1]), self.embed.dtype),
-                      "position_ids": np.zeros((1, 1), np.int64), "past_lengths": self.cache.lengths,
-                      "logits_index": np.zeros(1, np.int64), **self.cache.past_feeds(empty=False)}
 
     # -- inputs ----------------------------------------------------------------------------------
     def prepare_prompt(self, prompt: str, raw: bool = False) -> Prompt:
@@ -104,28 +102,14 @@ class VLM:
         table = self.embed
         embeds = np.concatenate([table[prompt.before][None], image_embeds.astype(table.dtype),
                                  table[prompt.after][None]], axis=1)  # [1, T, D]
-        seq = embeds.shape[1]
-        if seq > self.cache.max_len:
-            raise InputError(f"the prompt needs {seq} cache positions; the cache has {self.cache.max_len}.",
+        if embeds.shape[1] > self.cache.max_len:
+            raise InputError(f"the prompt needs {embeds.shape[1]} cache positions; the cache has {self.cache.max_len}.",
                              "Rebuild with a larger --max-seq-len.")
-        self.cache.reset()
-        feeds = {"inputs_embeds": embeds, "position_ids": np.arange(seq, dtype=np.int64)[None],
-                 "past_lengths": self.cache.lengths.copy(), "logits_index": np.array([seq - 1], np.int64),
-                 **self.cache.past_feeds(empty=True)}
-        logits, *presents = self.llm.run(feeds)
-        self.cache.write(presents)
-        self.position = seq
-        return logits[0]
+        return self.lm.prefill(embeds, image_start=len(prompt.before))
 
     def decode_step(self, token: int) -> np.ndarray:
         """Feed one token at the next position; returns its logits [V]."""
-        feeds = self._step
-        feeds["inputs_embeds"][0, 0] = self.embed[token]
-        feeds["position_ids"][0, 0] = self.position
-        logits, *presents = self.llm.run(feeds)
-        self.cache.write(presents)
-        self.position += 1
-        return logits[0]
+        return self.lm.decode(self.embed[token])
 
     # -- the loop --------------------------------------------------------------------------------
     def generate(self, image, prompt: str, raw: bool = False, max_new_tokens: int = 64,
@@ -138,9 +122,10 @@ class VLM:
         return self.generate_from(pixels, p, max_new_tokens, sampling, on_text, preprocess_ms=(t1 - t0) * 1e3)
 
     def check_room(self, prompt: Prompt, max_new_tokens: int) -> None:
-        need = prompt.num_text + self.manifest.compression.k_visual + max_new_tokens
+        widest = max(self.manifest.compression.kv_visual_per_layer)  # in-LLM methods: N before pruning
+        need = prompt.num_text + widest + max_new_tokens
         if need > self.cache.max_len:
-            room = self.cache.max_len - prompt.num_text - self.manifest.compression.k_visual
+            room = self.cache.max_len - prompt.num_text - widest
             raise InputError(f"--max-new-tokens {max_new_tokens} does not fit: the prompt uses "
                              f"{self.cache.max_len - room} of {self.cache.max_len} cache positions.",
                              f"Use --max-new-tokens {max(room, 0)} or less, or rebuild with a larger --max-seq-len.")
@@ -158,7 +143,7 @@ class VLM:
         t1 = time.perf_counter()
         token = sampler(self.prefill(prompt, image_embeds))
         t2 = time.perf_counter()
-        backend_s0 = self.llm.seconds
+        backend_s0 = self.lm.backend_seconds
         tokens, stop, step_ms = [], "max_new_tokens", []
         while True:
             tokens.append(token)
@@ -182,10 +167,12 @@ class VLM:
                    "ttft": preprocess_ms + (t2 - t0) * 1e3,
                    "decode_per_token": float(np.mean(step_ms)) if step_ms else 0.0,
                    # time inside the backend's LLM calls per decode step; the rest is runtime overhead
-                   "decode_backend_per_token": (self.llm.seconds - backend_s0) * 1e3 / len(step_ms) if step_ms else 0.0,
+                   "decode_backend_per_token": (self.lm.backend_seconds - backend_s0) * 1e3 / len(step_ms) if step_ms else 0.0,
                    "total": preprocess_ms + (time.perf_counter() - t0) * 1e3}
         text_ids = [t for t in tokens if t not in self.eos]
+        if self.lm.last_pruned is not None:  # in-LLM methods: the selection made at prefill
+            kept, token_map = np.array([self.lm.last_pruned.image_kept]), np.array([self.lm.last_pruned.merged_into])
         return GenerationResult(text=self.text.decode(text_ids), token_ids=tokens, stop_reason=stop,
-                                prompt_tokens=prompt.num_text + image_embeds.shape[1],
+                                prompt_tokens=prompt.num_text + self.manifest.compression.k_visual,
                                 kept_indices=kept[0].tolist(), token_map=token_map[0].tolist(),
                                 timings_ms=timings)

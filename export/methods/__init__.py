@@ -10,6 +10,13 @@ _REGISTRY: dict[str, str] = {
     "none": "none",
     "pool": "pool",
     "cls-attn": "cls_attn",
+    "visionzip": "visionzip",
+    "tome": "tome",
+    "fastv": "fastv",
+    "tokencarve": "tokencarve",
+    "divprune": "divprune",
+    "random": "random",
+    "uniform": "uniform",
 }
 
 

@@ -54,6 +54,7 @@ class Method:
     """Base class: subclasses set the class attributes and implement `feasible_k` and `compress`."""
 
     name: str = ""
+    stage: str = "vision"  # "vision": in the vision graph; "llm": inside the LLM at a work layer
     where: str = ""  # where it operates, e.g. "after projector"
     reads_prompt: bool = False
     needs_cls_attention: bool = False
@@ -92,6 +93,9 @@ class Method:
 
     def feasible_k(self, spec: VisualSpec, ratio: float, options: dict) -> int:
         return budget(ratio, spec.num_tokens)
+
+    def check_lm(self, num_layers: int, plan: Plan) -> None:
+        """LLM-stage methods check their work layer against the language model; others need nothing."""
 
     def vision_forward(self, adapter, model, pixel_values: torch.Tensor, spec: VisualSpec, plan: Plan):
         """pixel_values [1, 3, H, W] -> (embeds [1, K, D], kept_index [1, K], token_map [1, N]).

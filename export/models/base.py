@@ -24,6 +24,9 @@ class VisualSpec:
     has_cls: bool  # token 0 is the vision [CLS] token ("full" feature strategy)
     cls_attention: bool  # the encoder has a [CLS] token whose attention can rank patches
     embed_dim: int  # D: the language model's hidden size
+    # hidden-state indices the projector reads (hidden_states[l] is the output of encoder layer l-1,
+    # so l layers run); () = unknown. Methods inside the encoder (ToMe) plan their schedule from it.
+    feature_layers: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ class LlavaAdapter:
         full = model.config.vision_feature_select_strategy == "full"
         return VisualSpec(num_tokens=side * side + (1 if full and has_cls_token else 0), grid=(side, side),
                           has_cls=full and has_cls_token, cls_attention=has_cls_token,
-                          embed_dim=model.config.text_config.hidden_size)
+                          embed_dim=model.config.text_config.hidden_size,
+                          feature_layers=tuple(_positive_layers(model.config.vision_feature_layer, vcfg.num_hidden_layers)))
 
     def lm_spec(self, model) -> LMSpec:
         t = model.config.text_config
@@ -60,8 +61,8 @@ class LlavaAdapter:
         return int(model.config.vision_config.image_size)
 
     # -- modules --------------------------------------------------------------------------------
-    def static_cache_lm(self, model) -> StaticCacheLM:
-        return StaticCacheLM(model.model.language_model, model.lm_head).eval()
+    def static_cache_lm(self, model, layers: tuple[int, int] | None = None) -> StaticCacheLM:
+        return StaticCacheLM(model.model.language_model, model.lm_head, layers).eval()
 
     def embed_table(self, model) -> torch.Tensor:
         """[V, D]: the runtime gathers text embeddings from this table (no scaling for Llama-family)."""

@@ -1,0 +1,85 @@
+"""Token selections that run in the runtime between LLM segments (numpy; no torch).
+
+TokenCarve's IPGS needs an SVD, which ONNX does not have. Its selection runs here, exactly, in
+float64, between `llm_pre` (layers [0, W)) and `llm_post` (layers [W, L)). The export side's PyTorch
+reference path calls the same function, and tests/test_method_tokencarve.py checks it against a
+transcription of the published code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Selection:
+    keep: np.ndarray  # [S'] int64: original positions of the kept tokens, ascending
+    hidden: np.ndarray  # [S', D]: hidden states entering layer W (merged where TokenCarve merged)
+    image_kept: np.ndarray  # [K] int64: kept image tokens, 0-based within the image span, ascending
+    merged_into: np.ndarray  # [N] int64: image token -> kept image token (0..K-1) it went into, -1 = dropped
+
+
+def _descending(values: np.ndarray) -> np.ndarray:
+    """Indices by value, descending; ties: lower index first (the documented tie-break)."""
+    return np.lexsort((np.arange(values.shape[0]), -values))
+
+
+def borda_scores(attn: np.ndarray, sv: np.ndarray, weight: float) -> np.ndarray:
+    """[N]: a token at rank r (0 = best) of a ranking gets (N - r) points, weighted `weight` for the
+    attention ranking and `1 - weight` for the SVD ranking (TokenCarve's Index_weighting)."""
+    n = attn.shape[0]
+    points = np.arange(n, 0, -1, dtype=np.float64)
+    score = np.zeros(n)
+    score[_descending(attn)] += points * weight
+    score[_descending(sv)] += points * (1.0 - weight)
+    return score
+
+
+def svd_contribution(x: np.ndarray) -> np.ndarray:
+    """[N]: row L1 norms of U*S for X = U S V^T (float64), TokenCarve's information rank."""
+    u, s, _ = np.linalg.svd(x.astype(np.float64), full_matrices=False)
+    return np.abs(u * s[None, :]).sum(axis=1)
+
+
+def tokencarve(hidden: np.ndarray, last_attn: np.ndarray, image_start: int, n: int, t: int,
+               weight: float = 0.5) -> Selection:
+    """TokenCarve's two-stage IPGS (arXiv 2503.10501; ShawnTan86/TokenCarve @ a57bd59,
+    TokenCarve/modeling_llama.py, LlamaModel.forward at the work layer).
+
+    hidden [S, D]: layer W-1's output; last_attn [S]: head-averaged attention of the last prompt token
+    in layer W-1. Stage 1 keeps R = int(1.5 T) image tokens by Borda-combined attention and SVD ranks
+    (score order); stage 2 splits them into A (first R/2) and B, merges the M = min(R/2, int(T/2))
+    B tokens most similar (cosine, layer W-1 output) to their best A partner into it (mean including
+    the partner), keeps A + the other B: T image tokens. Text tokens are all kept.
+    """
+    x = hidden.astype(np.float64)
+    span = slice(image_start, image_start + n)
+    r = int(1.5 * t)
+    order = _descending(borda_scores(last_attn[span].astype(np.float64), svd_contribution(x[span]), weight))[:r]
+    half = int(0.5 * r)
+    a, b = order[:half], order[half:]
+    metric = x[span] / np.linalg.norm(x[span], axis=-1, keepdims=True)
+    sim = metric[b] @ metric[a].T  # [|B|, |A|]
+    best = np.argmax(sim, axis=-1)  # first maximum: lower A position on ties
+    m = min(half, int(t / 2))
+    by_sim = _descending(sim[np.arange(b.shape[0]), best])
+    merged_b, kept_b = by_sim[:m], by_sim[m:]
+    image = x[span].copy()
+    sums, counts = image[a].copy(), np.ones(half)
+    np.add.at(sums, best[merged_b], x[span][b[merged_b]])
+    np.add.at(counts, best[merged_b], 1.0)
+    image[a] = sums / counts[:, None]
+    image_kept = np.sort(np.concatenate([a, b[kept_b]]))
+    slot = {int(tok): i for i, tok in enumerate(image_kept)}
+    merged_into = np.full(n, -1, dtype=np.int64)
+    for tok in image_kept:
+        merged_into[tok] = slot[int(tok)]
+    for j in merged_b:
+        merged_into[b[j]] = slot[int(a[best[j]])]
+    x[span] = image
+    seq = hidden.shape[0]
+    keep = np.concatenate([np.arange(image_start), image_kept + image_start, np.arange(image_start + n, seq)])
+    return Selection(keep=keep.astype(np.int64), hidden=x[keep].astype(hidden.dtype),
+                     image_kept=image_kept.astype(np.int64), merged_into=merged_into)
