@@ -45,7 +45,7 @@ def artifact_factory(tmp_path_factory, tiny_checkpoints):
     cache: dict = {}
 
     def make(name: str, method: str = "none", ratio: float | None = None, **kw) -> Path:
-        key = (name, method, ratio, tuple(sorted(kw.items())))
+        key = (name, method, ratio, repr(sorted(kw.items())))
         if key not in cache:
             out = root / f"{name}-{method}-{ratio}-{len(cache)}"
             args = BuildArgs(model=str(tiny_checkpoints[name]), method=method, ratio=ratio, output=str(out),
