@@ -76,6 +76,7 @@ def _add_run(sub) -> None:
           vtc-export run artifacts/demo-llava-pool-r0.25 --image photo.jpg --prompt "What is in the image?"
           vtc-export run ART --image photo.jpg --prompt "USER: <image>\\nDescribe it. ASSISTANT:" --raw
           vtc-export run ART --image photo.jpg --prompt "Describe it." --temperature 0.7 --seed 1 --json
+          vtc-export run ART --image photo.jpg --prompt "Describe it." --overlay kept.png
         """)
     r.add_argument("artifact", metavar="DIR")
     r.add_argument("--image", required=True, metavar="IMG")
@@ -87,6 +88,7 @@ def _add_run(sub) -> None:
     r.add_argument("--seed", type=int, default=0, metavar="S")
     r.add_argument("--threads", type=int, default=0, metavar="N", help="ONNX Runtime intra-op threads (0 = default)")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    r.add_argument("--overlay", metavar="PNG", help="save the image with kept patches highlighted, pruned ones dimmed")
 
 
 def _add_verify(sub) -> None:

@@ -78,16 +78,22 @@ def cmd_run(args, _parse_options) -> int:
     from vtc.runtime.pipeline import VLM
     from vtc.runtime.sampling import SamplingConfig
 
+    from vtc.runtime.preprocess import load_image
+
     vlm = VLM(Path(args.artifact), backend=get_backend(threads=args.threads or None))
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     on_text = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    res = vlm.generate(args.image, args.prompt, raw=args.raw, max_new_tokens=args.max_new_tokens,
+    image = load_image(args.image)
+    res = vlm.generate(image, args.prompt, raw=args.raw, max_new_tokens=args.max_new_tokens,
                        sampling=sampling, on_text=on_text)
     c = vlm.manifest.compression
+    if args.overlay:
+        from vtc.runtime import overlay
+
+        overlay.save(Path(args.overlay), vlm.preprocessor.view(image), c.grid, res.token_map, res.kept_indices, c.has_cls)
     if args.json:
         print(json.dumps({"text": res.text, "token_ids": res.token_ids, "stop_reason": res.stop_reason,
-                          "visual_tokens": {"total": c.n_visual, "kept": c.k_visual, "kept_indices": res.kept_indices},
-                          "prompt_tokens": res.prompt_tokens,
+                          "visual_tokens": visual_tokens(c, res), "prompt_tokens": res.prompt_tokens,
                           "timings_ms": {k: round(v, 3) for k, v in res.timings_ms.items()}}))
         return 0
     t = res.timings_ms
@@ -98,6 +104,24 @@ def cmd_run(args, _parse_options) -> int:
     if vlm.manifest.model.demo:
         err.print("[yellow]demo model: random weights, the text above is meaningless.[/]")
     return 0
+
+
+def visual_tokens(c, res) -> dict:
+    """The kept visual tokens for `run --json`: indices, grid positions, and merges."""
+    cols = c.grid[1]
+
+    def where(i: int):
+        j = i - 1 if c.has_cls else i
+        return "cls" if j < 0 else [j // cols, j % cols]
+
+    groups: dict[int, list[int]] = {}
+    for src, dst in enumerate(res.token_map):
+        if dst >= 0:
+            groups.setdefault(dst, []).append(src)
+    return {"total": c.n_visual, "kept": c.k_visual, "method": c.method, "grid": c.grid, "has_cls": c.has_cls,
+            "kept_indices": res.kept_indices, "kept_positions": [where(i) for i in res.kept_indices],
+            "merged": {str(k): v for k, v in sorted(groups.items()) if len(v) > 1},
+            "dropped": sum(1 for d in res.token_map if d < 0)}
 
 
 def cmd_verify(args, _parse_options) -> int:

@@ -254,6 +254,10 @@ class ImagePreprocessor:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """Mirror ``PilBackend.process_image`` + ``_preprocess`` (LLaVA: pad-to-square first) for one image."""
+        return self._to_float(self.view(image))
+
+    def view(self, image: Image.Image) -> np.ndarray:
+        """The image as the model sees it, before rescale/normalize: uint8 [H, W, 3] (for overlays)."""
         if not isinstance(image, Image.Image):
             raise InputError(f"Expected a PIL image, got {type(image).__name__}.", "Load it with load_image(path).")
         if self.do_convert_rgb:
@@ -269,7 +273,7 @@ class ImagePreprocessor:
             arr = np.asarray(Image.fromarray(arr).resize((width, height), resample=self.resample))
         if self.do_center_crop:
             arr = _center_crop(arr, self.crop_hw)
-        return self._to_float(arr)
+        return arr
 
     def _to_float(self, arr: np.ndarray) -> np.ndarray:
         """Mirror ``image_transforms.rescale`` (float64 multiply, float32 cast) and ``normalize`` (float32)."""
