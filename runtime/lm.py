@@ -9,6 +9,7 @@ tokens' positions and decode continues at the unpruned prompt length.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,7 @@ class LanguageModel:
                       for seg in self.segments]
         self.position = 0
         self.last_pruned: Pruned | None = None
+        self.last_select_ms = 0.0  # the in-LLM selection's own time at the last prefill
 
     @property
     def backend_seconds(self) -> float:
@@ -85,6 +87,12 @@ class LanguageModel:
 
     def _prune(self, hidden, last_attn, image_start: int, seg: Segment):
         """In-LLM selection between segments: (hidden [1, S', D], positions [1, S'] original)."""
+        t0 = time.perf_counter()
+        hidden, keep = self._select(hidden, last_attn, image_start, seg)
+        self.last_select_ms = (time.perf_counter() - t0) * 1e3
+        return hidden, keep
+
+    def _select(self, hidden, last_attn, image_start: int, seg: Segment):
         n, k = self.c.n_visual, self.c.k_visual
         if self.c.method == "fastv":
             hidden, keep = self.select.run({"hidden_states": hidden, "last_attn": last_attn,

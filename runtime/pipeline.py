@@ -164,6 +164,7 @@ class VLM:
             if tail:
                 on_text(tail)
         timings = {"preprocess": preprocess_ms, "vision": (t1 - t0) * 1e3, "prefill": (t2 - t1) * 1e3,
+                   "select": self.lm.last_select_ms,  # in-LLM selection, part of prefill
                    "ttft": preprocess_ms + (t2 - t0) * 1e3,
                    "decode_per_token": float(np.mean(step_ms)) if step_ms else 0.0,
                    # time inside the backend's LLM calls per decode step; the rest is runtime overhead

@@ -10,11 +10,13 @@ All on the encoder block that produces the feature layer (LLaVA-1.5: layers[-2])
   h [T, Dv]  feature-layer hidden states ([CLS] at 0);  a_j = sum_heads softmax(q_cls k^T * s)_j,
   m [T, Dh]  that block's keys k_proj(ln1(x)) averaged over heads.
 Dominant (D tokens): [CLS] plus the D-1 patches with the largest a_j, in original order.
-Contextual (C tokens): the M = T - D remaining tokens R (original order); m_hat = m_R / ||m_R||;
-  targets = positions 0, s, 2s, ... (first C) of R with s = max(1, M // C); every other token of R
-  joins the target with the largest cosine m_hat_i . m_hat_t (argmax, first on ties);
+Contextual (C tokens): the M remaining tokens R (neither dominant nor [CLS], original order);
+  m_hat = m_R / ||m_R||; targets = positions 0, s, 2s, ... (first C) of R with s = max(1, M // C);
+  every other token of R joins the target with the largest m_hat_i . m_hat_t (argmax, first on ties);
   contextual_t = h_t + mean(h_i over tokens assigned to t)   (0 when none: counts clamped to 1).
 Output [dominant..., contextual...] (the reference's order), projected by the projector: K = D + C.
+kept_index: a dominant token's own index, a contextual token's target; token_map: every token's
+output slot (the remaining ones: their contextual token), so nothing maps to -1.
 Ranking uses the head-averaged attention (sum / H: same order). Ties: lower index first (a stable
 descending sort, built from pairwise ranks), argmax takes the first maximum.
 
@@ -65,7 +67,9 @@ def top_sorted(score: torch.Tensor, k: int) -> torch.Tensor:
 def complement(chosen: torch.Tensor, t: int, count: int) -> torch.Tensor:
     """The `count` indices of 0..T-1 that are neither in `chosen` [c] nor 0, ascending (TopK on a key)."""
     idx = torch.arange(t, dtype=torch.int64)
-    taken = (idx[:, None] == chosen[None, :]).any(dim=1) | (idx == 0)  # [T]
+    taken = idx == 0  # [T]
+    if chosen.shape[0]:  # (an empty `any` is not False in ONNX Runtime)
+        taken = taken | (idx[:, None] == chosen[None, :]).any(dim=1)
     key = idx + taken.to(torch.int64) * t
     return torch.sort(key).indices[:count]
 
@@ -77,6 +81,25 @@ def slot_map(members: torch.Tensor, slots: torch.Tensor, t: int) -> torch.Tensor
     return torch.where(hit.any(dim=1), mapped, torch.full_like(mapped, -1))
 
 
+def contextual_tokens(states: torch.Tensor, metric: torch.Tensor, rest: torch.Tensor, contextual: int):
+    """The reference's contextual merge over the remaining tokens rest [M] (state indices) ->
+    (tokens [C, Dv], targets [C], others [M-C], assign [M-C]: each other's target 0..C-1)."""
+    m = rest.shape[0]
+    step = max(1, m // contextual)
+    tpos = list(range(0, m, step))[:contextual]  # static positions in `rest`
+    opos = [i for i in range(m) if i not in set(tpos)]
+    tgt, oth = rest[tpos], rest[opos]  # [C], [M-C]
+    if not opos:  # every remaining token is a target (empty tensors would not export cleanly)
+        return states[tgt], tgt, oth, oth
+    key = metric[rest]
+    key = key / key.norm(dim=-1, keepdim=True)  # [M, Dh]
+    sim = key[opos] @ key[tpos].transpose(0, 1)  # [M-C, C]
+    assign = sim.argmax(dim=1)  # [M-C], first maximum on ties
+    one_hot = (assign[:, None] == torch.arange(contextual)[None, :]).to(states.dtype)  # [M-C, C]
+    counts = one_hot.sum(dim=0).clamp(min=1)[:, None]  # [C, 1]
+    return states[tgt] + one_hot.transpose(0, 1) @ states[oth] / counts, tgt, oth, assign
+
+
 def visionzip_select(attn: torch.Tensor, states: torch.Tensor, metric: torch.Tensor, dominant: int,
                      contextual: int, keep_cls: bool):
     """attn [Np] [CLS]->patch scores, states [T, Dv], metric [T, Dh] (T = 1 + Np) ->
@@ -85,19 +108,8 @@ def visionzip_select(attn: torch.Tensor, states: torch.Tensor, metric: torch.Ten
     n_top = dominant - int(keep_cls)  # dominant patches
     top = top_sorted(attn, n_top) + 1 if n_top else torch.zeros(0, dtype=torch.int64)  # [n_top]
     dom = torch.cat([torch.zeros(1, dtype=torch.int64), top]) if keep_cls else top  # [D] ascending
-    m = t - 1 - n_top  # remaining tokens (never [CLS])
-    rest = complement(top, t, m)  # [M] ascending
-    step = max(1, m // contextual)
-    tpos = list(range(0, m, step))[:contextual]  # static positions in `rest`
-    opos = [i for i in range(m) if i not in set(tpos)]
-    tgt, oth = rest[tpos], rest[opos]  # [C], [M-C]
-    key = metric[rest]
-    key = key / key.norm(dim=-1, keepdim=True)  # [M, Dh]
-    sim = key[opos] @ key[tpos].transpose(0, 1)  # [M-C, C]
-    assign = sim.argmax(dim=1)  # [M-C]
-    one_hot = (assign[:, None] == torch.arange(contextual)[None, :]).to(states.dtype)  # [M-C, C]
-    counts = one_hot.sum(dim=0).clamp(min=1)[:, None]  # [C, 1]
-    merged = states[tgt] + one_hot.transpose(0, 1) @ states[oth] / counts  # [C, Dv]
+    rest = complement(top, t, t - 1 - n_top)  # [M] ascending: the remaining tokens (never [CLS])
+    merged, tgt, oth, assign = contextual_tokens(states, metric, rest, contextual)
     tokens = torch.cat([states[dom], merged])  # [D+C, Dv]
     slots = torch.cat([torch.arange(dominant + contextual), dominant + assign])
     token_map = slot_map(torch.cat([dom, tgt, oth]), slots, t)  # [T]
