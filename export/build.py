@@ -36,6 +36,15 @@ class BuildArgs:
     text_budget: int = DEFAULT_TEXT_BUDGET
     force: bool = False
     parity_tokens: int = 8
+    kv_cache: str = "fp32"  # fp32 | fp16 | int8 | fp8
+    kv_scales: str | None = None  # kv_scales.json from `vtc-export calibrate`; None = calibrate now
+    calib_images: str | None = None
+    calib_prompts: str | None = None
+    kv_granularity: str = "channel"  # channel | head
+    kv_statistic: str = "absmax"  # absmax | percentile:P
+    kv_fallback: float = 0.08  # relative error above which a layer stays float16
+    backend: str = "onnxruntime"  # onnxruntime | tensorrt (also builds engines: vtc.export.tensorrt)
+    engine: dict = field(default_factory=dict)  # --backend tensorrt: EngineOptions (precision, workspace_gb, ...)
 
 
 @dataclass
@@ -43,6 +52,7 @@ class Built:
     path: Path
     manifest: object
     demo: bool
+    lint: object = None  # the TensorRT lint report (vtc.export.lint) of the exported graphs
 
 
 def effective_ratio(args: BuildArgs) -> tuple[str, float]:
@@ -63,18 +73,39 @@ def default_output(model_name: str, method: str, ratio: float) -> Path:
     return Path("artifacts") / f"{model_name}-{method}-r{ratio:g}"
 
 
+KV_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8", "fp8": "float8_e4m3fn"}
+
+
+def _check_kv(args: BuildArgs) -> None:
+    if args.kv_cache not in KV_DTYPES:
+        raise UsageError(f"--kv-cache {args.kv_cache!r} is not one of {', '.join(KV_DTYPES)}.", "Pass e.g. --kv-cache int8.")
+    if (args.calib_images is None) != (args.calib_prompts is None):
+        raise UsageError("--calib-images and --calib-prompts go together.", "Pass both, or neither for the default set.")
+    quantized = args.kv_cache in ("int8", "fp8")
+    if not quantized and (args.kv_scales or args.calib_images):
+        raise UsageError(f"--kv-scales/--calib-* apply to --kv-cache int8|fp8, not {args.kv_cache}.", "Drop them or pick int8/fp8.")
+    if args.kv_scales and not Path(args.kv_scales).is_file():
+        raise UsageError(f"--kv-scales {args.kv_scales} does not exist.", "Create it with `vtc-export calibrate`.")
+    if not 0 < args.kv_fallback:
+        raise UsageError(f"--kv-fallback-threshold must be positive (got {args.kv_fallback}).", "Pass e.g. 0.08.")
+
+
 def _check_sizes(args: BuildArgs) -> None:
     for name, v in (("--max-seq-len", args.max_seq_len), ("--text-budget", args.text_budget)):
         if v < 1:
             raise UsageError(f"{name} must be a positive number of tokens (got {v}).", "Pass a positive integer.")
 
 
-def prepare(args: BuildArgs, step: Callable) -> dict:
+def prepare(args: BuildArgs, step: Callable, check_output: bool = True) -> dict:
     """All validation, model loading and planning; no file is written."""
     from vtc.export import methods, models
     from vtc.export.demo import ensure_demo_checkpoint, is_demo
 
     _check_sizes(args)
+    _check_kv(args)
+    from vtc.export.tensorrt import check_backend
+
+    check_backend(args.backend, args.engine)  # --backend tensorrt: TensorRT must import, before any export
     method_name, ratio = effective_ratio(args)
     method = methods.get(args.method)  # unknown names fail here, before anything else
     if method_name == "none":
@@ -86,7 +117,8 @@ def prepare(args: BuildArgs, step: Callable) -> dict:
     demo = is_demo(src)
     name = "demo-llava" if demo else src.resolve().name
     out = Path(args.output) if args.output else default_output(name, method.name, ratio)
-    _check_output(out, src, args.force)
+    if check_output:
+        _check_output(out, src, args.force)
     with step(f"loading {adapter.model_type} checkpoint"):
         model = adapter.load(src)
     spec = adapter.visual_spec(model)
@@ -133,7 +165,7 @@ def build(args: BuildArgs, step: Callable) -> Built:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Built(path=out, manifest=manifest, demo=ctx["demo"])
+    return Built(path=out, manifest=manifest, demo=ctx["demo"], lint=ctx.get("lint"))
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
@@ -158,14 +190,25 @@ def _write_artifact(tmp: Path, args: BuildArgs, ctx: dict, step: Callable):
 
     adapter, model, method, plan, spec = (ctx[k] for k in ("adapter", "model", "method", "plan", "spec"))
     lm_spec = adapter.lm_spec(model)
+    from vtc.export import kvquant
+
+    ctx["kv"] = kvquant.plan(tmp, args, ctx, lm_spec, step)
     graphs = _export_graphs(tmp, args, ctx, lm_spec, step)
+    from vtc.export import tensorrt as trt_build
+
+    ctx["lint"] = trt_build.lint_step(tmp, graphs, args.backend, step)  # fatal only for --backend tensorrt
     with step("writing tokenizer, preprocessing and embeddings"):
         side = assets.write(tmp, ctx["src"], adapter, model)
     draft = _manifest(args, ctx, lm_spec, graphs, side, parity={}, files={})
     (tmp / mf.MANIFEST).write_text(draft.to_json())
     with step(f"checking parity against PyTorch ({args.parity_tokens} greedy tokens)"):
-        report = parity.check(tmp, adapter, model, method, plan, spec, max_new_tokens=args.parity_tokens)
+        report = parity.check(tmp, adapter, model, method, plan, spec, max_new_tokens=args.parity_tokens,
+                              kv_dtype=KV_DTYPES[args.kv_cache])
         parity.raise_if_failed(report)
+    if ctx["kv"].quantized:
+        with step(f"measuring {args.kv_cache} KV accuracy vs float32 KV on held-out pairs"):
+            ctx["kv"].accuracy = kvquant.accuracy(tmp, ctx)
+    ctx["engines"] = trt_build.engine_step(tmp, graphs, args.backend, args.engine, step)  # None for onnxruntime
     (tmp / mf.MANIFEST).unlink()
     final = _manifest(args, ctx, lm_spec, graphs, side, report, mf.file_table(tmp))
     (tmp / mf.MANIFEST).write_text(final.to_json())  # last: its presence marks a complete artifact
@@ -185,20 +228,21 @@ def _export_graphs(tmp: Path, args: BuildArgs, ctx: dict, lm_spec, step: Callabl
         vision = onnx_export.VisionGraph(adapter, model, v_method, v_plan, spec)
         graphs["vision"] = onnx_export.export_vision(vision, adapter.image_size(model), tmp / "vision.onnx")
     n_layers, text, kv = lm_spec.num_layers, args.text_budget, lm_spec.num_kv_heads
+    kvq = ctx["kv"].quant
     decode = {"seq": 1, "past_seq": args.max_seq_len}
     if not in_llm:
         with step("exporting language model (prefill + decode, static KV cache)"):
             profiles = {"prefill": {"seq": [plan.k + 1, plan.k + text], "past_seq": 0}, "decode": decode}
-            graphs["llm"] = onnx_export.export_llm(adapter.static_cache_lm(model), kv, lm_spec.hidden_size,
+            graphs["llm"] = onnx_export.export_llm(adapter.static_cache_lm(model, None, kvq), kv, lm_spec.hidden_size,
                                                    tmp / "llm.onnx", profiles)
         return graphs
     w = plan.options["layer"]
     with step(f"exporting language model split at layer {w} for {method.name} ({plan.k} of {plan.n} kept)"):
         pre = {"prefill": {"seq": [plan.n + 1, plan.n + text], "past_seq": 0}, "decode": decode}
         post = {"prefill": {"seq": [plan.k + 1, plan.k + text], "past_seq": 0}, "decode": decode}
-        graphs["llm_pre"] = onnx_export.export_llm(adapter.static_cache_lm(model, (0, w)), kv, lm_spec.hidden_size,
+        graphs["llm_pre"] = onnx_export.export_llm(adapter.static_cache_lm(model, (0, w), kvq), kv, lm_spec.hidden_size,
                                                    tmp / "llm_pre.onnx", pre)
-        graphs["llm_post"] = onnx_export.export_llm(adapter.static_cache_lm(model, (w, n_layers)), kv,
+        graphs["llm_post"] = onnx_export.export_llm(adapter.static_cache_lm(model, (w, n_layers), kvq), kv,
                                                     lm_spec.hidden_size, tmp / "llm_post.onnx", post)
         if method.name == "fastv":
             graphs["select"] = onnx_export.export_select(onnx_export.SelectGraph(method, plan.n, plan.k),
@@ -219,7 +263,7 @@ def _manifest(args, ctx, lm_spec, graphs, side: dict, parity: dict, files: dict)
     from vtc.runtime import manifest as mf
 
     plan, spec, adapter, model = ctx["plan"], ctx["spec"], ctx["adapter"], ctx["model"]
-    per_token = lm_spec.num_layers * 2 * lm_spec.num_kv_heads * lm_spec.head_dim * 4
+    kv = ctx["kv"]
     return mf.Manifest(
         schema=mf.SCHEMA, schema_version=mf.SCHEMA_VERSION, vtc_version=pkg.__version__,
         created_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -234,6 +278,6 @@ def _manifest(args, ctx, lm_spec, graphs, side: dict, parity: dict, files: dict)
         lm=mf.LMInfo(**asdict(lm_spec)),
         text=mf.TextInfo(budget=args.text_budget, max_seq_len=args.max_seq_len, eos_token_ids=side["eos_token_ids"],
                          chat_template=side["chat_template"]),
-        kv_cache=mf.KVCacheInfo(dtype="float32", layout="[layer][key|value] x [1, num_kv_heads, max_seq_len, head_dim]",
-                                bytes_per_token=per_token, bytes_total=per_token * args.max_seq_len),
-        graphs=graphs, embeddings=side["embeddings"], preprocess=side["preprocess"], parity=parity, files=files)
+        kv_cache=kv.info(lm_spec, args.max_seq_len),
+        graphs=graphs, embeddings=side["embeddings"], preprocess=side["preprocess"], parity=parity, files=files,
+        engines=ctx.get("engines"))

@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_verify(sub)
     _add_inspect(sub)
+    _add_lint(sub)
+    _add_engine(sub)
+    _add_compare(sub)
+    _add_calibrate(sub)
+    from vtc.export import profile_cmd
+
+    profile_cmd.add_parsers(sub, _sub)  # profile, sweep
     _sub(sub, "list", "list supported architectures and compression methods", """
           vtc-export list
         """)
@@ -55,6 +62,9 @@ def _add_build(sub) -> None:
           vtc-export build --model ./llava-1.5-7b-hf --method cls-attn --ratio 0.25 --output out/llava-cls
           vtc-export build --model ./llava-1.5-7b-hf --ratio 1.0   # uncompressed baseline
           vtc-export build --method pool --method-opt window=3  # explicit 3x3 pooling window
+          vtc-export build --ratio 0.25 --kv-cache int8          # INT8 KV cache, calibrated on the bundled photos
+          vtc-export build --kv-cache fp8 --kv-scales kv_scales.json
+          vtc-export build --ratio 0.25 --backend tensorrt --precision fp16   # + TensorRT engines (GPU host)
         """)
     b.add_argument("--model", metavar="DIR", help="local Hugging Face checkpoint directory (default: built-in demo)")
     b.add_argument("--method", default="pool", help="compression method (default: pool; see `vtc-export list`)")
@@ -69,6 +79,23 @@ def _add_build(sub) -> None:
     b.add_argument("--parity-tokens", type=int, default=8, metavar="N",
                    help="greedy tokens compared against PyTorch during the build (default 8)")
     b.add_argument("--force", action="store_true", help="replace an existing output directory")
+    _add_kv_args(b)
+    _add_trt_args(b)
+
+
+def _add_kv_args(p, with_dtype: bool = True) -> None:
+    """KV-cache quantization and calibration flags (build; calibrate shares the calibration ones)."""
+    g = p.add_argument_group("KV cache")
+    if with_dtype:
+        g.add_argument("--kv-cache", default="fp32", choices=["fp32", "fp16", "int8", "fp8"],
+                       help="KV cache storage (default fp32; int8/fp8 use static calibrated scales)")
+        g.add_argument("--kv-scales", metavar="FILE", help="kv_scales.json from `vtc-export calibrate` (default: calibrate now)")
+        g.add_argument("--kv-fallback-threshold", type=float, default=0.08, metavar="E",
+                       help="relative quantization error above which a layer stays fp16 (default 0.08)")
+    g.add_argument("--calib-images", metavar="DIR", help="calibration images (default: the bundled sample photographs)")
+    g.add_argument("--calib-prompts", metavar="FILE", help='calibration prompts, JSONL {"prompt": ...} per line')
+    g.add_argument("--kv-granularity", default="channel", choices=["channel", "head"], help="one scale per channel or per head")
+    g.add_argument("--kv-statistic", default="absmax", metavar="STAT", help="absmax (default) or percentile:P, e.g. percentile:99.99")
 
 
 def _add_run(sub) -> None:
@@ -87,8 +114,27 @@ def _add_run(sub) -> None:
     r.add_argument("--top-p", type=float, default=1.0, metavar="P")
     r.add_argument("--seed", type=int, default=0, metavar="S")
     r.add_argument("--threads", type=int, default=0, metavar="N", help="ONNX Runtime intra-op threads (0 = default)")
+    r.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="onnxruntime (default) or tensorrt (the artifact's engines: `vtc-export engine` first)")
+    r.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
+                   help="ONNX Runtime execution provider (cuda/tensorrt need onnxruntime-gpu; falls back to cpu "
+                        "with the reason)")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     r.add_argument("--overlay", metavar="PNG", help="save the image with kept patches highlighted, pruned ones dimmed")
+
+
+def _add_calibrate(sub) -> None:
+    c = _sub(sub, "calibrate", "measure KV-cache statistics and write kv_scales.json for --kv-cache int8|fp8", """
+          vtc-export calibrate --ratio 0.25 --output kv_scales.json          # demo model, pool
+          vtc-export calibrate --model ./llava-1.5-7b-hf --method fastv --ratio 0.25 \\
+              --calib-images ./my_images --calib-prompts prompts.jsonl --output kv_scales.json
+        """)
+    c.add_argument("--model", metavar="DIR", help="local Hugging Face checkpoint directory (default: built-in demo)")
+    c.add_argument("--method", default="pool", help="compression method the cache will be built with (default pool)")
+    c.add_argument("--ratio", type=float, help="fraction of visual tokens kept (default 0.25)")
+    c.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--output", "-o", default="kv_scales.json", metavar="FILE", help="where to write (default kv_scales.json)")
+    _add_kv_args(c, with_dtype=False)
 
 
 def _add_verify(sub) -> None:
@@ -109,6 +155,58 @@ def _add_inspect(sub) -> None:
         """)
     i.add_argument("artifact", metavar="DIR")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+
+def _add_trt_args(p, with_backend: bool = True) -> None:
+    """TensorRT engine flags (build --backend tensorrt, engine): vtc.export.tensorrt.EngineOptions."""
+    g = p.add_argument_group("TensorRT engines")
+    if with_backend:
+        g.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                       help="tensorrt: also build a TensorRT engine per graph on this GPU (needs TensorRT)")
+    g.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"],
+                   help="engine precision (default fp16); int8/fp8 are used where a graph has Q/DQ (KV cache)")
+    g.add_argument("--workspace", type=float, metavar="GB", help="builder workspace limit in GiB (default: TensorRT's)")
+    g.add_argument("--timing-cache", metavar="FILE", help="tactic timing cache: read if present, updated after the build")
+    g.add_argument("--builder-optimization-level", type=int, metavar="N",
+                   help="0 (fastest build) to 5 (default: TensorRT's, 3)")
+
+
+def _add_lint(sub) -> None:
+    lt = _sub(sub, "lint", "check every graph against TensorRT's ONNX parser support (TensorRT not needed)", """
+          vtc-export lint artifacts/demo-llava-pool-r0.25
+          vtc-export lint ART --target-cc 8.7        # Jetson Orin: an FP8 KV cache is an error there
+          vtc-export lint ART --json > lint.json
+        """)
+    lt.add_argument("artifact", metavar="DIR")
+    lt.add_argument("--target-cc", metavar="X.Y", help="compute capability of the target GPU (8.7 Orin, 9.0 H100, ...)")
+    lt.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _add_engine(sub) -> None:
+    e = _sub(sub, "engine", "build TensorRT engines for this GPU into an existing artifact (run it on the device)", """
+          vtc-export engine artifacts/demo-llava-pool-r0.25             # fp16 engines, one per graph
+          vtc-export engine ART --precision fp32 --workspace 4 --timing-cache ~/.cache/vtc/orin.cache
+          vtc-export engine ART --builder-optimization-level 5       # slower build, maybe faster engine
+        """)
+    e.add_argument("artifact", metavar="DIR")
+    _add_trt_args(e, with_backend=False)
+
+
+def _add_compare(sub) -> None:
+    c = _sub(sub, "compare", "compare every graph's outputs on two backends with Polygraphy's comparator", """
+          vtc-export compare ART --backends ort,tensorrt     # needs the engines (vtc-export engine ART)
+          vtc-export compare ART --backends ort,ort-cuda --image cat.jpg --prompt "What is this?"
+        """)
+    c.add_argument("artifact", metavar="DIR")
+    c.add_argument("--backends", default="ort,tensorrt", metavar="A,B",
+                   help="two of ort, ort-cuda, ort-tensorrt, tensorrt (default ort,tensorrt)")
+    c.add_argument("--image", metavar="IMG", help="image the feeds are recorded from (default: a synthetic one)")
+    c.add_argument("--prompt", default="Describe the image.", metavar="TEXT")
+    c.add_argument("--decode-steps", type=int, default=2, metavar="N", help="decode steps recorded (default 2)")
+    c.add_argument("--atol", type=float, help="absolute tolerance (default by engine precision: fp32 1e-3, "
+                   "fp16 5e-2, bf16 1e-1)")
+    c.add_argument("--rtol", type=float, help="relative tolerance (same defaults as --atol)")
+    c.add_argument("--json", metavar="FILE", help="also write the per-output table as JSON")
 
 
 def _options(pairs: list[str]) -> dict:

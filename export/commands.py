@@ -45,14 +45,19 @@ def quiet_transformers() -> None:
 
 
 def cmd_build(args, parse_options) -> int:
+    from vtc.export import trt_cmd
     from vtc.export.build import BuildArgs, build
 
+    engine = trt_cmd.build_engine_options(args)  # --backend tensorrt: TensorRT must import, checked first
     quiet_transformers()
     from vtc.export.demo import DEMO_NOTICE
 
     bargs = BuildArgs(model=args.model, method=args.method, ratio=args.ratio, method_options=parse_options(args.method_opt),
                       output=args.output, max_seq_len=args.max_seq_len, text_budget=args.text_budget,
-                      force=args.force, parity_tokens=args.parity_tokens)
+                      force=args.force, parity_tokens=args.parity_tokens, kv_cache=args.kv_cache,
+                      kv_scales=args.kv_scales, calib_images=args.calib_images, calib_prompts=args.calib_prompts,
+                      kv_granularity=args.kv_granularity, kv_statistic=args.kv_statistic,
+                      kv_fallback=args.kv_fallback_threshold, backend=args.backend, engine=engine)
     if args.model is None:
         err.print(f"[yellow]note:[/] no --model given: using the built-in {DEMO_NOTICE}.")
     built = build(bargs, step)
@@ -67,6 +72,8 @@ def cmd_build(args, parse_options) -> int:
     out.print(f"parity vs PyTorch: {'[green]ok[/]' if p['ok'] else '[red]FAILED[/]'} "
               f"(prefill logits max-abs {p['graphs']['llm_prefill']['max_abs']:.2e}, "
               f"{p['new_tokens']} greedy tokens {'equal' if p['greedy_tokens']['equal'] else 'differ'})")
+    if built.lint is not None:
+        trt_cmd.print_lint(out, built.lint)
     if built.demo:
         out.print(f"[yellow]{DEMO_NOTICE}.[/]")
     out.print(f"next: vtc-export run {built.path} --image IMG --prompt \"...\"")
@@ -74,13 +81,17 @@ def cmd_build(args, parse_options) -> int:
 
 
 def cmd_run(args, _parse_options) -> int:
-    from vtc.runtime.backend import get_backend
     from vtc.runtime.pipeline import VLM
     from vtc.runtime.sampling import SamplingConfig
 
     from vtc.runtime.preprocess import load_image
 
-    vlm = VLM(Path(args.artifact), backend=get_backend(threads=args.threads or None))
+    from vtc.export.trt_cmd import runtime_backend
+
+    backend = runtime_backend(args.backend, args.provider, args.threads or None)
+    vlm = VLM(Path(args.artifact), backend=backend)
+    if getattr(backend, "fallback", None):
+        err.print(f"[yellow]note:[/] {backend.fallback}")
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     on_text = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     image = load_image(args.image)
@@ -124,6 +135,20 @@ def visual_tokens(c, res) -> dict:
             "dropped": sum(1 for d in res.token_map if d < 0)}
 
 
+def cmd_calibrate(args, parse_options) -> int:
+    from vtc.export.build import BuildArgs
+    from vtc.export.kvquant import write_scales
+
+    quiet_transformers()
+    bargs = BuildArgs(model=args.model, method=args.method, ratio=args.ratio, method_options=parse_options(args.method_opt),
+                      kv_cache="int8", calib_images=args.calib_images, calib_prompts=args.calib_prompts,
+                      kv_granularity=args.kv_granularity, kv_statistic=args.kv_statistic)
+    path = write_scales(Path(args.output), bargs, step)
+    out.print(f"kv_scales: [bold]{path}[/] (use: vtc-export build --kv-cache int8|fp8 --kv-scales {path} "
+              f"--method {args.method} --ratio ...)")
+    return 0
+
+
 def cmd_verify(args, _parse_options) -> int:
     from vtc.export.verify import verify
 
@@ -140,6 +165,24 @@ def cmd_verify(args, _parse_options) -> int:
                     "or --model is a different checkpoint); if a fresh build fails too, report it as a vtc bug.")
     out.print("[green]verify: ok[/]")
     return 0
+
+
+def cmd_lint(args, _parse_options) -> int:
+    from vtc.export import trt_cmd
+
+    return trt_cmd.lint(args, out)
+
+
+def cmd_engine(args, _parse_options) -> int:
+    from vtc.export import trt_cmd
+
+    return trt_cmd.engine(args, out, step)
+
+
+def cmd_compare(args, _parse_options) -> int:
+    from vtc.export import trt_cmd
+
+    return trt_cmd.compare(args, out, step)
 
 
 def cmd_inspect(args, _parse_options) -> int:
@@ -159,3 +202,16 @@ def cmd_list(args, _parse_options) -> int:
 
     print_list(out)
     return 0
+
+
+def cmd_profile(args, _parse_options) -> int:
+    from vtc.export.profile_cmd import cmd_profile as run_profile
+
+    return run_profile(args, out, err)
+
+
+def cmd_sweep(args, _parse_options) -> int:
+    from vtc.export.profile_cmd import cmd_sweep as run_sweep
+
+    quiet_transformers()
+    return run_sweep(args, out, err)

@@ -25,14 +25,48 @@ with the same cache contract: `llm_pre` = layers [0, W) returns `hidden_states` 
 `last_attn` [1, S] (head-averaged attention of the last position over the S new keys in layer W-1)
 instead of logits; `llm_post` = layers [W, L) takes `hidden_states` instead of `inputs_embeds`.
 Each segment's `past_lengths` and `past_*` cover its own layers, numbered from its first layer.
+
+Quantized KV cache (KVQuant): a layer's cache may be stored as float16, int8 or float8_e4m3fn with
+static scales s_k, s_v [Hkv, Dh] (per channel; per head = constant along Dh). Only the NEW tokens are
+quantized in the graph (x / s, round + clamp for int8, clamp to +-448 for fp8, Cast); the past is
+only Cast to float, never rescaled per element: the key scale is folded into the query,
+(q * s_k) . K_q^T, and the value scale into the attention output, (P . V_q) * s_v. The new block
+attends to its own dequantized K/V, so a token sees the same keys at prefill and at every decode step.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
+TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8,
+               "float8_e4m3fn": torch.float8_e4m3fn}
+
+
+@dataclass(frozen=True)
+class KVQuant:
+    """Per-layer KV cache storage: dtype and, for int8/fp8, static scales [Hkv, Dh] (x = q * s)."""
+
+    dtypes: tuple  # per layer: "float32" | "float16" | "int8" | "float8_e4m3fn"
+    k_scale: tuple  # per layer: tensor [Hkv, Dh] or None
+    v_scale: tuple
+
+    @staticmethod
+    def float32(num_layers: int) -> "KVQuant":
+        return KVQuant(("float32",) * num_layers, (None,) * num_layers, (None,) * num_layers)
+
+
+def quantize(x: torch.Tensor, scale, dtype: str) -> torch.Tensor:
+    """Store x [1, Hkv, S, Dh] in `dtype`; scale [1, Hkv, 1, Dh] for int8/fp8."""
+    if dtype == "int8":
+        return torch.round(x / scale).clamp(-QMAX["int8"], QMAX["int8"]).to(torch.int8)
+    if dtype == "float8_e4m3fn":
+        return (x / scale).clamp(-QMAX[dtype], QMAX[dtype]).to(torch.float8_e4m3fn)
+    return x.to(TORCH_DTYPE[dtype])
 
 
 def rotary_fn(attn_module: nn.Module):
@@ -40,19 +74,22 @@ def rotary_fn(attn_module: nn.Module):
     return sys.modules[type(attn_module).__module__].apply_rotary_pos_emb
 
 
-def split_attention(q, k_new, v_new, k_past, v_past, past_len, scale: float, want_last_row: bool = False):
+def split_attention(q, k_new, v_new, k_past, v_past, past_len, scale: float, want_last_row: bool = False,
+                    k_scale=None, v_scale=None):
     """Causal attention of S new queries over a masked static past plus the S new keys.
 
     q [1, H, S, Dh]; k_new, v_new [1, Hkv, S, Dh]; k_past, v_past [1, Hkv, P, Dh]; past_len [] int64.
     Returns ([1, S, H*Dh], last_row): last_row [1, S] is the head-averaged attention probability of
     the last query over the S new keys (None unless asked). Matches HF eager attention: fp32 softmax,
-    scores * scale, masked = finfo.min.
+    scores * scale, masked = finfo.min. k_scale, v_scale [1, Hkv, 1, Dh]: the past is stored quantized
+    (k_past = K / k_scale), folded into the query and the past's output instead of dequantizing it.
     """
     _, n_heads, seq, head_dim = q.shape
     n_kv = k_new.shape[1]
     group = n_heads // n_kv
     qg = q.reshape(1, n_kv, group * seq, head_dim)  # query head h = kv*group + g
-    s_past = torch.matmul(qg, k_past.transpose(-1, -2)) * scale  # [1, Hkv, G*S, P]
+    q_past = qg if k_scale is None else qg * k_scale
+    s_past = torch.matmul(q_past, k_past.transpose(-1, -2)) * scale  # [1, Hkv, G*S, P]
     s_new = torch.matmul(qg, k_new.transpose(-1, -2)) * scale  # [1, Hkv, G*S, S]
     neg = torch.finfo(s_new.dtype).min
     past_pos = torch.arange(k_past.shape[2], device=q.device)
@@ -62,7 +99,8 @@ def split_attention(q, k_new, v_new, k_past, v_past, past_len, scale: float, wan
     s_new = s_new.masked_fill(~causal, neg)
     probs = torch.softmax(torch.cat([s_past, s_new], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
     n_past = k_past.shape[2]
-    out = torch.matmul(probs[..., :n_past], v_past) + torch.matmul(probs[..., n_past:], v_new)
+    out_past = torch.matmul(probs[..., :n_past], v_past)
+    out = (out_past if v_scale is None else out_past * v_scale) + torch.matmul(probs[..., n_past:], v_new)
     out = out.reshape(1, n_heads, seq, head_dim).transpose(1, 2)  # [1, S, H, Dh]
     last_row = None
     if want_last_row:  # rows of query head (kv, g) at position s are at g*S + s
@@ -79,11 +117,13 @@ class StaticCacheLM(nn.Module):
     one returns its hidden states and the last position's attention row (see the module doc).
     """
 
-    def __init__(self, decoder: nn.Module, lm_head: nn.Module, layers: tuple[int, int] | None = None):
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module, layers: tuple[int, int] | None = None,
+                 kv: KVQuant | None = None):
         super().__init__()
         self.decoder = decoder
         self.lm_head = lm_head
         self.first, self.end = layers or (0, len(decoder.layers))
+        self.kv = kv or KVQuant.float32(len(decoder.layers))
         self.has_head = self.end == len(decoder.layers)
         attn = decoder.layers[0].self_attn
         self.scale = float(attn.scaling)
@@ -104,10 +144,23 @@ class StaticCacheLM(nn.Module):
         k = attn.k_proj(x).view(shape).transpose(1, 2)  # [1, Hkv, S, Dh]
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         q, k = self.apply_rope(q, k, cos, sin)
-        a, last_row = split_attention(q, k, v, k_past, v_past, past_len, self.scale, want_last_row)
-        hidden = hidden + attn.o_proj(a)
-        hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
-        return hidden, k, v, last_row
+        dtype, ks, vs = self.kv.dtypes[i], self.kv.k_scale[i], self.kv.v_scale[i]
+        if dtype == "float32":
+            a, last_row = split_attention(q, k, v, k_past, v_past, past_len, self.scale, want_last_row)
+            return self._block_out(block, hidden, a), k, v, last_row
+        ks = None if ks is None else ks.to(q.dtype)[None, :, None, :]  # [1, Hkv, 1, Dh]
+        vs = None if vs is None else vs.to(q.dtype)[None, :, None, :]
+        k_store, v_store = quantize(k, ks, dtype), quantize(v, vs, dtype)  # only the new tokens
+        k_new = k_store.to(q.dtype) if ks is None else k_store.to(q.dtype) * ks
+        v_new = v_store.to(q.dtype) if vs is None else v_store.to(q.dtype) * vs
+        a, last_row = split_attention(q, k_new, v_new, k_past.to(q.dtype), v_past.to(q.dtype), past_len, self.scale,
+                                      want_last_row, k_scale=ks, v_scale=vs)
+        return self._block_out(block, hidden, a), k_store, v_store, last_row
+
+    @staticmethod
+    def _block_out(block, hidden, a):
+        hidden = hidden + block.self_attn.o_proj(a)
+        return hidden + block.mlp(block.post_attention_layernorm(hidden))
 
     def forward(self, hidden, position_ids, past_lengths, logits_index, past):
         """`hidden` is inputs_embeds (first segment) or hidden_states; `past` the flat tuple

@@ -17,13 +17,14 @@ import onnx
 import torch
 from torch import nn
 
-from vtc.export.llm import StaticCacheLM
+from vtc.export.llm import TORCH_DTYPE, StaticCacheLM
 from vtc.export.methods.base import Method, Plan
 from vtc.export.models.base import VisualSpec
 from vtc.runtime.errors import ExportError
 from vtc.runtime.manifest import GraphSpec, TensorSpec
 
 OPSET = 18
+FP8_OPSET = 21  # float8 tensors need opset >= 19; ORT CPU implements Shape on float8 from 21
 MAX_SEQ_DIM = 32768
 
 
@@ -56,12 +57,13 @@ def quiet_export():
             lg.setLevel(lv)
 
 
-def _export(module, args, path: Path, input_names, output_names, dynamic_shapes, external: bool) -> None:
+def _export(module, args, path: Path, input_names, output_names, dynamic_shapes, external: bool,
+            opset: int = OPSET) -> None:
     with quiet_export() as buf:
         try:
             with torch.no_grad():
                 torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
-                                  dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=OPSET,
+                                  dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=opset,
                                   external_data=external, optimize=True, verbose=False)
         except Exception as e:  # torch.export raises many unrelated types; all mean "could not trace"
             log = Path(tempfile.mkstemp(prefix=f"vtc-export-{path.stem}-", suffix=".log")[1])
@@ -119,7 +121,8 @@ class _NoHead(nn.Module):
 def export_llm(lm: StaticCacheLM, num_kv_heads: int, hidden: int, path: Path, profiles: dict) -> GraphSpec:
     """Trace with S=3, P=4 (torch.export specialises sizes 0 and 1); both dims stay symbolic."""
     n_layers, seq, past = lm.num_layers, 3, 4
-    kv = tuple(torch.randn(1, num_kv_heads, past, lm.head_dim) for _ in range(2 * n_layers))
+    dtypes = lm.kv.dtypes[lm.first:lm.end]
+    kv = tuple(torch.randn(1, num_kv_heads, past, lm.head_dim).to(TORCH_DTYPE[dtypes[j // 2]]) for j in range(2 * n_layers))
     s_dim = torch.export.Dim("seq", min=1, max=MAX_SEQ_DIM)
     p_dim = torch.export.Dim("past_seq", min=0, max=MAX_SEQ_DIM)
     common = (torch.randn(1, seq, hidden), torch.arange(seq)[None], torch.full((n_layers,), past, dtype=torch.int64))
@@ -131,7 +134,8 @@ def export_llm(lm: StaticCacheLM, num_kv_heads: int, hidden: int, path: Path, pr
     else:
         module, args, dyn = _NoHead(lm), (*common, kv), {**dyn, "past": past_dyn}
     inputs, outputs = llm_io_names(lm.first, lm.end, lm.has_head)
-    _export(module, args, path, inputs, outputs, dyn, external=True)
+    opset = FP8_OPSET if "float8_e4m3fn" in dtypes else OPSET
+    _export(module, args, path, inputs, outputs, dyn, external=True, opset=opset)
     return graph_spec(path, profiles)
 
 

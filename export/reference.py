@@ -119,42 +119,58 @@ def _select(method, plan: Plan, hidden, last_attn, image_start: int):
 
 
 def _reference_in_llm(adapter, model, method, plan: Plan, pixel_values, before, after, max_new_tokens: int):
-    """The project's PyTorch path for FastV / TokenCarve: HF features, the eager LLM segments (HF
-    modules, see vtc.export.llm) and the deployed selection, greedy with a growing eager cache."""
+    """The project's PyTorch path for FastV / TokenCarve (see eager_generate)."""
+    ref, _ = eager_generate(adapter, model, method, plan, pixel_values, before, after, max_new_tokens)
+    return ref
+
+
+def eager_generate(adapter, model, method, plan: Plan, pixel_values, before, after, max_new_tokens: int):
+    """Greedy generation in eager PyTorch over the LLM segments (HF modules, vtc.export.llm), with the
+    deployed selection for in-LLM methods: (Reference, kv) where kv[i] = [K, V] of layer i, each
+    [1, Hkv, len_i, Dh], everything the cache held at the end (calibration reads it)."""
     with torch.no_grad():
-        feats = hf_visual_features(adapter, model, pixel_values)
+        image_embeds, kept, token_map = reference_visual(adapter, model, method, plan, adapter.visual_spec(model),
+                                                         pixel_values)
     table = adapter.embed_table(model)
-    embeds = torch.cat([table[before][None], feats.embeds, table[after][None]], dim=1)  # [1, S, D]
-    n_layers, w = adapter.lm_spec(model).num_layers, plan.options["layer"]
-    segs = [adapter.static_cache_lm(model, (0, w)), adapter.static_cache_lm(model, (w, n_layers))]
+    embeds = torch.cat([table[before][None], image_embeds, table[after][None]], dim=1)  # [1, S, D]
+    n_layers = adapter.lm_spec(model).num_layers
+    w = plan.options["layer"] if method.stage == "llm" else n_layers
+    segs = [adapter.static_cache_lm(model, (0, w))] + ([adapter.static_cache_lm(model, (w, n_layers))] if w < n_layers else [])
     kv_shape = (1, adapter.lm_spec(model).num_kv_heads, 0, segs[0].head_dim)
     kv = [[torch.zeros(kv_shape), torch.zeros(kv_shape)] for _ in range(n_layers)]
     seq = embeds.shape[1]
     with torch.no_grad():
-        hidden, last_attn, *pres = segs[0](embeds, torch.arange(seq)[None], torch.zeros(w, dtype=torch.int64), None,
-                                           _flat(kv[:w]))
-        kv[:w] = [[pres[2 * i], pres[2 * i + 1]] for i in range(w)]
-        hidden, keep, kept, token_map = _select(method, plan, hidden, last_attn, len(before))
-        if method.trims_pre_kv:
-            kv[:w] = [[k[:, :, keep], v[:, :, keep]] for k, v in kv[:w]]
-        logits, *pres = segs[1](hidden, keep[None], torch.zeros(n_layers - w, dtype=torch.int64),
-                                torch.tensor([hidden.shape[1] - 1]), _flat(kv[w:]))
-        kv[w:] = [[pres[2 * i], pres[2 * i + 1]] for i in range(n_layers - w)]
+        hidden, positions, logits = embeds, torch.arange(seq)[None], None
+        for seg in segs:
+            outs = seg(hidden, positions, torch.zeros(seg.num_layers, dtype=torch.int64),
+                       torch.tensor([hidden.shape[1] - 1]) if seg.has_head else None,
+                       _flat(kv[seg.first:seg.end]))
+            presents = outs[1:] if seg.has_head else outs[2:]
+            kv[seg.first:seg.end] = [[presents[2 * i], presents[2 * i + 1]] for i in range(seg.num_layers)]
+            if seg.has_head:
+                logits = outs[0]
+                break
+            hidden, keep, kept, token_map = _select(method, plan, outs[0], outs[1], len(before))
+            if method.trims_pre_kv:
+                kv[:w] = [[k[:, :, keep], v[:, :, keep]] for k, v in kv[:w]]
+            positions = keep[None]
+            kept, token_map = torch.tensor([kept]), torch.tensor([token_map])
         tokens, step_logits = _eager_decode(segs, kv, table, logits[0], seq, max_new_tokens)
-    return Reference(tokens=tokens, step_logits=step_logits, image_embeds=feats.embeds, kept_index=kept,
-                     token_map=token_map)
+    ref = Reference(tokens=tokens, step_logits=step_logits, image_embeds=image_embeds,
+                    kept_index=torch.as_tensor(kept)[0].tolist(), token_map=torch.as_tensor(token_map)[0].tolist())
+    return ref, kv
 
 
 def _eager_decode(segs, kv: list, table, logits, position: int, max_new_tokens: int):
     tokens, step_logits = [], [logits.float()]
-    w = segs[0].end
     for _ in range(max_new_tokens):
         tokens.append(int(torch.argmax(step_logits[-1])))
         if len(tokens) == max_new_tokens:
             break
         hidden = table[tokens[-1]][None, None]
         pos = torch.tensor([[position]])
-        for seg, layers in ((segs[0], range(0, w)), (segs[1], range(w, len(kv)))):
+        for seg in segs:
+            layers = range(seg.first, seg.end)
             lengths = torch.tensor([kv[i][0].shape[2] for i in layers])
             outs = seg(hidden, pos, lengths, torch.tensor([0]) if seg.has_head else None, _flat([kv[i] for i in layers]))
             presents = outs[1:] if seg.has_head else outs[2:]

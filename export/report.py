@@ -16,10 +16,17 @@ def print_manifest(console, m) -> None:
                   f"(grid {c.grid[0]}x{c.grid[1]}) options {c.options}")
     console.print(f"text budget {t.budget} tokens, max sequence {t.max_seq_len}; KV cache {kv.dtype}: "
                   f"{kv.bytes_per_token} B/token, {_mib(kv.bytes_total)} at max length")
-    full = (c.n_visual + t.budget) * kv.bytes_per_token
-    used = (c.k_visual + t.budget) * kv.bytes_per_token
-    console.print(f"prompt KV at full text budget: {_mib(used)} (uncompressed visual tokens: {_mib(full)}, "
-                  f"{100 * used / full:.0f}%)")
+    if kv.scales:
+        console.print(f"KV scales: {kv.scales} ({kv.scale_source}); layers kept fp16: {kv.fallback_layers or 'none'}")
+    if kv.accuracy:
+        a = kv.accuracy
+        console.print(f"KV accuracy vs float32 KV ({a['pairs']} held-out pairs, {a['new_tokens']} tokens): logits cosine "
+                      f"median {a['logits_cosine_median']:.6f} (min {a['logits_cosine_min']:.6f}); greedy agreement "
+                      f"{100 * a['greedy_agreement_mean']:.1f}%, identical sequences {a['greedy_sequences_identical']}")
+    text = m.parity.get("text_tokens", t.budget) if m.parity else t.budget
+    used, full = prompt_kv_bytes(m, text)
+    console.print(f"KV after prefill of a {text}-token prompt (the build's parity prompt): {used / 1024:.1f} KiB; "
+                  f"the same prompt uncompressed with an fp16 cache: {full / 1024:.1f} KiB ({100 * used / full:.1f}%)")
     table = Table(title="graphs", show_lines=False)
     for col in ("graph", "file", "inputs", "outputs"):
         table.add_column(col)
@@ -37,6 +44,17 @@ def print_manifest(console, m) -> None:
     if m.parity:
         print_parity(console, m.parity)
     console.print(f"built {m.created_utc} by vtc {m.vtc_version}; build args {m.build_args}")
+
+
+def prompt_kv_bytes(m, text_tokens: int) -> tuple[int, int]:
+    """(bytes this artifact's cache holds after prefilling `text_tokens` + its visual tokens,
+    bytes of an uncompressed fp16 cache for the same prompt)."""
+    itemsize = {"float32": 4, "float16": 2, "int8": 1, "float8_e4m3fn": 1}
+    per_pos = 2 * m.lm.num_kv_heads * m.lm.head_dim  # K and V elements per layer per position
+    used = sum(per_pos * itemsize[d] * (text_tokens + v)
+               for d, v in zip(m.kv_cache.layer_dtypes, m.compression.kv_visual_per_layer))
+    full = per_pos * 2 * m.lm.num_layers * (text_tokens + m.compression.n_visual)
+    return used, full
 
 
 def print_parity(console, report: dict) -> None:

@@ -16,6 +16,8 @@ import numpy as np
 from vtc.runtime.errors import BackendError, InputError
 from vtc.runtime.manifest import GraphSpec
 
+ONNX_FLOAT8E4M3FN = 17  # onnx.TensorProto.FLOAT8E4M3FN (the runtime does not import onnx)
+
 
 class GraphSession:
     """One loaded graph. Subclasses implement `run_impl`."""
@@ -51,15 +53,18 @@ class OrtSession(GraphSession):
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        providers = {"cpu": ["CPUExecutionProvider"]}.get(provider)
-        if providers is None:
-            raise BackendError(f"ONNX Runtime provider {provider!r} is not supported by this runtime yet.",
-                               "Use --provider cpu.")
+        providers, self.fallback = ort_providers(ort, provider)
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own untyped errors (Fail, InvalidGraph, ...)
             raise BackendError(f"ONNX Runtime could not load {path}: {e}", "Rebuild the artifact.") from e
+        active = self.session.get_providers()[0]
+        if self.fallback is None and active != providers[0]:  # e.g. CUDA libraries missing at session creation
+            self.fallback = f"ONNX Runtime could not start {providers[0]} (see its log); running on {active}."
         self._ortvalue = ort.OrtValue.ortvalue_from_numpy
+        # float8 inputs arrive as uint8 bytes (numpy has no float8): bind them with their ONNX type.
+        self._onnx_type = {t.name: ONNX_FLOAT8E4M3FN for t in spec.inputs if t.dtype == "float8_e4m3fn"}
+        self._typed = ort.OrtValue.ortvalue_from_numpy_with_onnx_type
         self._bound: dict[str, tuple[np.ndarray, object]] = {}  # name -> (array, OrtValue sharing its memory)
 
     def _value(self, name: str, array: np.ndarray):
@@ -67,7 +72,10 @@ class OrtSession(GraphSession):
         hit = self._bound.get(name)
         if hit is not None and hit[0] is array:
             return hit[1]
-        value = self._ortvalue(np.ascontiguousarray(array))
+        if name in self._onnx_type:
+            value = self._typed(np.ascontiguousarray(array), onnx_element_type=self._onnx_type[name])
+        else:
+            value = self._ortvalue(np.ascontiguousarray(array))
         if array.flags.c_contiguous:
             self._bound[name] = (array, value)
         return value
@@ -80,24 +88,50 @@ class OrtSession(GraphSession):
         return [o.numpy() for o in outs]
 
 
+ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                 "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def ort_providers(ort, provider: str) -> tuple[list[str], str | None]:
+    """ONNX Runtime's provider list for --provider, and the reason it falls back (None when it does not)."""
+    chain = ORT_PROVIDERS.get(provider)
+    if chain is None:
+        raise BackendError(f"--provider {provider!r} is not one of {', '.join(ORT_PROVIDERS)}.",
+                           "Pass --provider cpu, cuda or tensorrt.")
+    available = ort.get_available_providers()
+    usable = [p for p in chain if p in available] or ["CPUExecutionProvider"]
+    if usable[0] == chain[0]:
+        return usable, None
+    return usable, (f"{chain[0]} is not available in this onnxruntime {ort.__version__} (it has "
+                    f"{', '.join(available)}), so the graphs run on {usable[0]}: install onnxruntime-gpu"
+                    + (" and TensorRT" if provider == "tensorrt" else "") + " for the GPU.")
+
+
 class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, threads: int | None = None, provider: str = "cpu"):
         self.threads = threads or int(os.environ.get("VTC_THREADS", "0")) or None
         self.provider = provider
+        self.fallback: str | None = None  # why a session runs on another provider than asked
 
     def open(self, artifact_dir: Path, spec: GraphSpec) -> GraphSession:
-        return OrtSession(Path(artifact_dir) / spec.file, spec, self.threads, self.provider)
+        session = OrtSession(Path(artifact_dir) / spec.file, spec, self.threads, self.provider)
+        self.fallback = self.fallback or session.fallback
+        return session
 
     def describe(self) -> dict:
         import onnxruntime as ort
 
         return {"backend": self.name, "version": ort.__version__, "provider": self.provider,
-                "threads": self.threads or "default"}
+                "threads": self.threads or "default", **({"fallback": self.fallback} if self.fallback else {})}
 
 
 def get_backend(name: str = "onnxruntime", **kwargs):
     if name in ("onnxruntime", "ort"):
         return OrtBackend(**kwargs)
-    raise BackendError(f"unknown runtime backend {name!r}.", "Available: onnxruntime.")
+    if name == "tensorrt":
+        from vtc.runtime.trt_backend import TrtBackend
+
+        return TrtBackend(**kwargs)
+    raise BackendError(f"unknown runtime backend {name!r}.", "Available: onnxruntime, tensorrt.")

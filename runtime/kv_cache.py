@@ -1,6 +1,8 @@
-"""The static KV cache: one preallocated buffer the runtime owns; graphs only ever see views of it.
+"""The static KV cache: preallocated buffers the runtime owns; graphs only ever see views of them.
 
-    buffer [L, 2, 1, Hkv, M, Dh]    (layer, key|value, batch, kv head, position, head dim)
+    layers[i] [2, 1, Hkv, M, Dh]    (key|value, batch, kv head, position, head dim), one per layer, in
+                                    that layer's storage dtype (float32, float16, int8; float8_e4m3fn
+                                    is held as uint8 bytes, which numpy cannot name)
 
 Each layer keeps its own valid length (`lengths` [L]); entries at or beyond it are masked in the
 graph. A step writes only the new tokens' K/V (the graph's `present_*` outputs, [1, Hkv, S, Dh]) at
@@ -13,31 +15,39 @@ import numpy as np
 
 from vtc.runtime.errors import InputError
 
+FP8 = "float8_e4m3fn"
+
+
+def storage_dtype(dtype: str) -> np.dtype:
+    """numpy dtype that holds a cache of `dtype` (float8_e4m3fn as raw uint8 bytes)."""
+    return np.dtype(np.uint8) if dtype == FP8 else np.dtype(dtype)
+
 
 class StaticKVCache:
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, dtype="float32"):
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, dtypes="float32"):
         self.max_len = max_len
-        self.buffer = np.zeros((num_layers, 2, 1, num_kv_heads, max_len, head_dim), dtype=dtype)
+        dtypes = [dtypes] * num_layers if isinstance(dtypes, str) else list(dtypes)
+        self.layers = [np.zeros((2, 1, num_kv_heads, max_len, head_dim), dtype=storage_dtype(d)) for d in dtypes]
         self.lengths = np.zeros(num_layers, dtype=np.int64)  # [L]
-        empty = np.zeros((1, num_kv_heads, 0, head_dim), dtype=dtype)
         # The same view objects every step, so backends can bind them once (zero-copy).
         self._prefill_feeds, self._decode_feeds = {}, {}
-        for i in range(num_layers):
+        for i, layer in enumerate(self.layers):
+            empty = np.zeros((1, num_kv_heads, 0, head_dim), dtype=layer.dtype)
             for j, kind in enumerate(("key", "value")):
                 self._prefill_feeds[f"past_{kind}.{i}"] = empty
-                self._decode_feeds[f"past_{kind}.{i}"] = self.buffer[i, j]
+                self._decode_feeds[f"past_{kind}.{i}"] = layer[j]
 
     @property
     def num_layers(self) -> int:
-        return self.buffer.shape[0]
+        return len(self.layers)
 
     @property
     def nbytes(self) -> int:
-        return self.buffer.nbytes
+        return sum(layer.nbytes for layer in self.layers)
 
     def bytes_used(self) -> int:
-        per_pos = self.buffer[0, 0, 0, :, 0, :].nbytes  # one layer, one of K/V, one position
-        return int(2 * per_pos * self.lengths.sum())
+        """Bytes of the valid entries (what the cache holds now), all layers."""
+        return int(sum(layer[:, :, :, 0].nbytes * n for layer, n in zip(self.layers, self.lengths)))
 
     def reset(self) -> None:
         self.lengths[:] = 0
@@ -61,8 +71,8 @@ class StaticKVCache:
                              "Ask for fewer new tokens, or rebuild with a larger --max-seq-len.")
         for j, i in enumerate(layers):
             start = int(self.lengths[i])
-            self.buffer[i, 0, :, :, start:start + seq] = presents[2 * j]
-            self.buffer[i, 1, :, :, start:start + seq] = presents[2 * j + 1]
+            self.layers[i][0, :, :, start:start + seq] = presents[2 * j]
+            self.layers[i][1, :, :, start:start + seq] = presents[2 * j + 1]
         self.lengths[first:layers.stop] += seq
 
     def compact(self, layers: range, keep: np.ndarray) -> None:
@@ -70,6 +80,6 @@ class StaticKVCache:
         (TokenCarve trims the layers before its work layer); never on a decode step."""
         n = keep.shape[0]
         for i in layers:
-            layer = self.buffer[i]  # [2, 1, Hkv, M, Dh]
+            layer = self.layers[i]  # [2, 1, Hkv, M, Dh]
             layer[:, :, :, :n] = np.take(layer, keep, axis=3)
             self.lengths[i] = n

@@ -82,10 +82,28 @@ class TextInfo:
 
 @dataclass(frozen=True)
 class KVCacheInfo:
-    dtype: str
+    dtype: str  # requested storage: float32 | float16 | int8 | float8_e4m3fn
+    layer_dtypes: list  # [L] per layer, after fallback (a layer whose error is too high stays float16)
     layout: str
-    bytes_per_token: int
+    bytes_per_token: int  # all layers, keys + values, including nothing else (scales are constants)
     bytes_total: int  # at max_seq_len
+    scales: str | None  # kv_scales.json in the artifact (int8 / fp8), else None
+    scale_source: str | None  # how the scales were made: calibration set, or a user file (+ sha256)
+    fallback_layers: list  # layers kept in float16 because their quantization error exceeded the threshold
+    accuracy: dict  # quantized vs float32 KV on held-out pairs (empty for float32)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """TensorRT engines built from the graphs, valid only for this TensorRT version and GPU architecture
+    (`vtc-export build --backend tensorrt` or `vtc-export engine DIR`; see vtc.export.tensorrt)."""
+
+    tensorrt_version: str  # trt.__version__ at build time; the runtime refuses any other
+    device: str  # GPU name the engines were built on
+    compute_capability: str  # "8.7" (Orin), "9.0" (H100), ...; the runtime refuses any other
+    precision: str  # fp16 | bf16 | fp32 (int8/fp8 only where a graph has Q/DQ: graphs[g]["quantized"])
+    graphs: dict  # graph name -> {"file": "engines/llm.plan", "profiles": ["prefill", "decode"], "quantized": []}
+    options: dict  # workspace_gb, timing_cache, builder_optimization_level as asked
 
 
 @dataclass(frozen=True)
@@ -105,6 +123,7 @@ class Manifest:
     preprocess: dict  # ImagePreprocessor.to_dict()
     parity: dict
     files: dict  # relative path -> {"sha256": str, "bytes": int}
+    engines: EngineInfo | None = None  # optional: TensorRT engines (absent in ONNX-only artifacts)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"

@@ -60,7 +60,7 @@ class VLM:
         sessions = {name: self.backend.open(self.dir, spec) for name, spec in m.graphs.items()}
         self.vision = sessions.pop("vision")
         self.cache = StaticKVCache(m.lm.num_layers, m.lm.num_kv_heads, m.lm.head_dim, m.text.max_seq_len,
-                                   m.kv_cache.dtype)
+                                   m.kv_cache.layer_dtypes)
         self.lm = LanguageModel(m, sessions, self.cache)
         self.eos = set(m.text.eos_token_ids)
 

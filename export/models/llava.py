@@ -61,8 +61,8 @@ class LlavaAdapter:
         return int(model.config.vision_config.image_size)
 
     # -- modules --------------------------------------------------------------------------------
-    def static_cache_lm(self, model, layers: tuple[int, int] | None = None) -> StaticCacheLM:
-        return StaticCacheLM(model.model.language_model, model.lm_head, layers).eval()
+    def static_cache_lm(self, model, layers: tuple[int, int] | None = None, kv=None) -> StaticCacheLM:
+        return StaticCacheLM(model.model.language_model, model.lm_head, layers, kv).eval()
 
     def embed_table(self, model) -> torch.Tensor:
         """[V, D]: the runtime gathers text embeddings from this table (no scaling for Llama-family)."""
