@@ -14,14 +14,15 @@ import math
 
 import numpy as np
 import pytest
+
+from tests.reference_check import check_against_reference
 import torch
 
 from tests.conftest import TINY
 from tests.test_method_visionzip import _build_steps, _siglip_llava, assert_static_graph
-from tests.test_parity_generate import NEW_TOKENS, PROMPT, _image
+from tests.test_parity_generate import _image
 from vtc.export.methods import tome
 from vtc.export.models.base import VisualSpec
-from vtc.runtime.pipeline import VLM
 
 
 def reference_bipartite_soft_matching(metric, r: int):
@@ -189,26 +190,11 @@ def test_schedules():
 
 @pytest.mark.parametrize("name,ratio", [(n, 0.25) for n in TINY] + [("gqa-full", 0.5)])
 def test_onnx_equals_pytorch_reference(name, ratio, tiny_checkpoints, artifact_factory):
-    from vtc.export import methods, models
-    from vtc.export.reference import reference_generate
-
     art = artifact_factory(name, "tome", ratio)
     assert_static_graph(art / "vision.onnx")
-    vlm = VLM(art)
-    adapter = models.resolve(tiny_checkpoints[name])
-    model = adapter.load(tiny_checkpoints[name])
-    spec = adapter.visual_spec(model)
-    m = methods.get("tome")
-    plan = m.plan(spec, ratio, {})
-    assert plan.k == vlm.manifest.compression.k_visual
+    out = check_against_reference(art, tiny_checkpoints[name], "tome", ratio, _image(11))
+    ref, plan, vlm = out.ref, out.plan, out.vlm
     assert vlm.manifest.compression.options["schedule"] == plan.options["schedule"]
-    prompt, pixels = vlm.prepare_prompt(PROMPT), vlm.prepare_image(_image(11))
-    ref = reference_generate(adapter, model, m, plan, spec, torch.from_numpy(pixels), prompt.before, prompt.after,
-                             NEW_TOKENS)
-    res = vlm.generate_from(pixels, prompt, NEW_TOKENS, ignore_eos=True)
-    assert res.kept_indices == ref.kept_index
-    assert res.token_map == ref.token_map
-    assert res.token_ids == ref.tokens
     assert len(set(ref.tokens)) > 1
     assert ref.kept_index == sorted(ref.kept_index) and sorted(set(ref.token_map)) == list(range(plan.k))
 

@@ -13,14 +13,15 @@ import contextlib
 import numpy as np
 import onnx
 import pytest
+
+from tests.reference_check import check_against_reference
 import torch
 
 from tests.conftest import TINY
-from tests.test_parity_generate import NEW_TOKENS, PROMPT, _image
+from tests.test_parity_generate import _image
 from vtc.export.methods import visionzip as vz
 from vtc.export.models.base import VisualSpec
 from vtc.runtime.errors import MethodError
-from vtc.runtime.pipeline import VLM
 
 
 def reference_visionzip(attn_weights, hidden_states, metric, dominant_num: int, contextual_num: int):
@@ -130,20 +131,10 @@ def assert_static_graph(path) -> None:
 
 @pytest.mark.parametrize("name,ratio", [(n, 0.25) for n in TINY] + [("mha-default", 0.5)])
 def test_onnx_equals_pytorch_reference(name, ratio, tiny_checkpoints, artifact_factory):
-    from vtc.export.reference import reference_generate
-
     art = artifact_factory(name, "visionzip", ratio)
     assert_static_graph(art / "vision.onnx")
-    vlm = VLM(art)
-    adapter, model, spec, m, plan = _plan(name, ratio, tiny_checkpoints)
-    assert plan.k == vlm.manifest.compression.k_visual
-    prompt, pixels = vlm.prepare_prompt(PROMPT), vlm.prepare_image(_image(11))
-    ref = reference_generate(adapter, model, m, plan, spec, torch.from_numpy(pixels), prompt.before, prompt.after,
-                             NEW_TOKENS)
-    res = vlm.generate_from(pixels, prompt, NEW_TOKENS, ignore_eos=True)
-    assert res.kept_indices == ref.kept_index
-    assert res.token_map == ref.token_map
-    assert res.token_ids == ref.tokens
+    out = check_against_reference(art, tiny_checkpoints[name], "visionzip", ratio, _image(11))
+    ref, plan, spec = out.ref, out.plan, out.spec
     assert len(set(ref.tokens)) > 1
     # every visual token lands in an output token; [CLS] is the first dominant token (-1 = not a visual token)
     assert min(ref.token_map) >= 0 and len(ref.kept_index) == plan.k

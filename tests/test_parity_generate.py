@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import TINY
+from tests.reference_check import check_against_reference
 from vtc.runtime.pipeline import VLM
 
 NEW_TOKENS = 32
@@ -59,26 +60,8 @@ def test_uncompressed_equals_hf_generate(name, tiny_checkpoints, artifact_factor
 @pytest.mark.parametrize("name", list(TINY))
 @pytest.mark.parametrize("method", ["pool", "cls-attn"])
 def test_compressed_equals_pytorch_reference(name, method, tiny_checkpoints, artifact_factory):
-    from vtc.export import methods, models
-    from vtc.export.reference import reference_generate
-
-    art = artifact_factory(name, method, 0.25)
-    vlm = VLM(art)
-    adapter = models.resolve(tiny_checkpoints[name])
-    model = adapter.load(tiny_checkpoints[name])
-    spec = adapter.visual_spec(model)
-    m = methods.get(method)
-    plan = m.plan(spec, 0.25, {})
-    assert plan.k == vlm.manifest.compression.k_visual
-    image = _image(11)
-    prompt, pixels = vlm.prepare_prompt(PROMPT), vlm.prepare_image(image)
-    ref = reference_generate(adapter, model, m, plan, spec, torch.from_numpy(pixels), prompt.before, prompt.after,
-                             NEW_TOKENS)
-    res = vlm.generate_from(pixels, prompt, NEW_TOKENS, ignore_eos=True)
-    assert res.kept_indices == ref.kept_index
-    assert res.token_map == ref.token_map
-    assert res.token_ids == ref.tokens
-    assert len(set(ref.tokens)) > 1
+    out = check_against_reference(artifact_factory(name, method, 0.25), tiny_checkpoints[name], method, 0.25, _image(11))
+    assert len(set(out.ref.tokens)) > 1
 
 
 def test_ratio_quarter_budgets(artifact_factory):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vtc.runtime.errors import ModelError
+from vtc.runtime.manifest import LMInfo
 
 
 @dataclass(frozen=True)
@@ -29,16 +30,8 @@ class VisualSpec:
     feature_layers: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
-class LMSpec:
-    """Shapes of the language model that size the runtime's KV cache."""
-
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    vocab_size: int
+# The LM's cache-sizing shapes: the same record the manifest stores (runtime.manifest.LMInfo).
+LMSpec = LMInfo
 
 
 @dataclass
