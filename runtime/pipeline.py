@@ -137,11 +137,14 @@ class VLM:
         if max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be at least 1 (got {max_new_tokens}).", "Pass a positive number.")
         self.check_room(prompt, max_new_tokens)
-        sampler, stream = Sampler(sampling), StreamDecoder(self.text)
+        stream = StreamDecoder(self.text)
         t0 = time.perf_counter()
+        sampler = Sampler(sampling)
         image_embeds, kept, token_map = self.encode_image(pixel_values)
         t1 = time.perf_counter()
-        token = sampler(self.prefill(prompt, image_embeds))
+        logits = self.prefill(prompt, image_embeds)
+        t_prefill = time.perf_counter()
+        token = sampler(logits)
         t2 = time.perf_counter()
         backend_s0 = self.lm.backend_seconds
         tokens, stop, step_ms = [], "max_new_tokens", []
@@ -163,7 +166,8 @@ class VLM:
             tail = stream.flush()
             if tail:
                 on_text(tail)
-        timings = {"preprocess": preprocess_ms, "vision": (t1 - t0) * 1e3, "prefill": (t2 - t1) * 1e3,
+        timings = {"preprocess": preprocess_ms, "vision": (t1 - t0) * 1e3, "prefill": (t_prefill - t1) * 1e3,
+                   "first_token": (t2 - t_prefill) * 1e3,
                    "select": self.lm.last_select_ms,  # in-LLM selection, part of prefill
                    "ttft": preprocess_ms + (t2 - t0) * 1e3,
                    "decode_per_token": float(np.mean(step_ms)) if step_ms else 0.0,

@@ -123,3 +123,20 @@ def test_cli_run_and_inspect_without_torch(tmp_path, art):
     assert "llava" in inspect_out and "vision.onnx" in inspect_out
     assert json.loads(json_out)["schema"] == "vtc.artifact"
     assert "error" not in proc.stderr.lower()
+
+
+def test_cli_profile_without_torch(tmp_path, art):
+    """`profile` (table, JSON, CSV, PNG; tegrastats/NVML probes) is part of the on-device runtime."""
+    proc = run_blocked("""
+        import json
+        from vtc.export.cli import main
+
+        art, out = sys.argv[1:3]
+        rc = main(["profile", art, "--runs", "2", "--warmup", "1", "--max-new-tokens", "3",
+                   "--json", out + "/p.json", "--csv", out + "/p.csv", "--plot", out + "/p.png"])
+        sys.stdout.flush()
+        assert_still_clean()
+        assert json.load(open(out + "/p.json"))["metrics"]["ttft_ms"]["n"] == 2
+        sys.exit(rc)
+    """, art, tmp_path, tmp_path=tmp_path)
+    assert "TTFT" in proc.stdout and (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "p.csv").is_file()

@@ -3,8 +3,9 @@
 Model: a bench-size random LLaVA (LLM hidden 1024 x 8 layers x 16 heads, vocab 32000; 336/14
 CLIP-like encoder -> 576 visual tokens), written once to the vtc cache. Artifacts are built at
 ratio 1.0 and 0.25 (pool, cls-attn) with a text budget of 32 and room for 64 new tokens.
-Reported (medians over --runs after --warmup): TTFT (preprocess + vision + prefill + first token),
-decode ms/token over --new-tokens greedy tokens, the runtime's own overhead during decode (time
+Reported (p50 over --runs after --warmup, measured by vtc.runtime.profiler like `vtc-export profile`;
+every run decodes --new-tokens tokens, EOS ignored): TTFT (preprocess + vision + prefill + first
+token), decode ms/token (TPOT), the runtime's own overhead during decode (time
 outside ONNX Runtime calls / decode loop time), the compressor's own time (vision-side methods: vision
 graph time minus the uncompressed vision graph's; in-LLM methods: the selection between the LLM
 segments), tokens in the prefill after compression, and the KV cache bytes after prefill.
@@ -58,29 +59,16 @@ def build_artifact(ckpt: Path, method: str, ratio: float, root: Path) -> Path:
 
 
 def bench_vtc(art: Path, threads: int, runs: int, warmup: int, new_tokens: int) -> dict:
-    from vtc.runtime.backend import get_backend
-    from vtc.runtime.pipeline import VLM
+    """The artifact's p50s from vtc.runtime.profiler (the same measurement as `vtc-export profile`)."""
+    from vtc.runtime.profiler import ProfileConfig, profile
 
-    vlm = VLM(art, backend=get_backend(threads=threads))
-    ttft, tpot, overhead, vision, select = [], [], [], [], []
-    for i in range(warmup + runs):
-        res = vlm.generate(IMAGE, PROMPT, max_new_tokens=new_tokens + 1)
-        t = res.timings_ms
-        if i < warmup:
-            continue
-        ttft.append(t["ttft"])
-        tpot.append(t["decode_per_token"])
-        vision.append(t["vision"])
-        select.append(t["select"])
-        overhead.append(100 * (t["decode_per_token"] - t["decode_backend_per_token"]) / t["decode_per_token"])
-    m = vlm.manifest
-    per_layer_token = m.kv_cache.bytes_per_token // m.lm.num_layers
-    text = res.prompt_tokens - m.compression.k_visual
-    kv_bytes = sum(per_layer_token * (text + v) for v in m.compression.kv_visual_per_layer)
-    return {"ttft_ms": statistics.median(ttft), "decode_ms": statistics.median(tpot),
-            "overhead_pct": statistics.median(overhead), "prefill_tokens": res.prompt_tokens,
-            "kv_bytes": kv_bytes, "k": m.compression.k_visual, "vision_ms": statistics.median(vision),
-            "select_ms": statistics.median(select), "stage": m.compression.stage}
+    rep = profile(art, ProfileConfig(image=str(IMAGE), prompt=PROMPT, runs=runs, warmup=warmup,
+                                     max_new_tokens=new_tokens + 1, threads=threads))
+    m, c = rep["metrics"], rep["compression"]
+    return {"ttft_ms": m["ttft_ms"]["p50"], "decode_ms": m["tpot_ms"]["p50"],
+            "overhead_pct": m["runtime_overhead_pct"]["p50"], "prefill_tokens": rep["tokens"]["prompt_tokens"],
+            "kv_bytes": rep["memory"]["kv_cache_prompt_bytes"], "k": c["k_visual"], "vision_ms": m["vit_time_ms"]["p50"],
+            "select_ms": m["select_ms"]["p50"] if "select_ms" in m else 0.0, "stage": c["stage"]}
 
 
 def bench_hf(ckpt: Path, threads: int, runs: int, warmup: int, new_tokens: int) -> dict:
@@ -120,7 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--methods", default="pool,cls-attn,visionzip,tome,divprune,random,uniform,fastv,tokencarve",
                     help="methods to run at --ratio besides the uncompressed baseline")
-    ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--ratio", default="0.25", help="ratio(s) for --methods, comma-separated (default 0.25)")
     ap.add_argument("--workdir", type=Path, default=None, help="where artifacts go (default: the vtc cache)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -135,7 +123,8 @@ def main(argv=None) -> int:
     unknown = [m for m in wanted if m not in registry.names()]
     if unknown:
         ap.error(f"unknown methods {unknown}; available: {', '.join(registry.names())}")
-    variants = [("none", 1.0)] + [(m, args.ratio) for m in wanted]
+    ratios = [float(r) for r in str(args.ratio).split(",") if r.strip()]
+    variants = [("none", 1.0)] + [(m, r) for r in ratios for m in wanted if r != 1.0]
     results = {}
     for method, ratio in variants:
         art = build_artifact(ckpt, method, ratio, root)

@@ -1,0 +1,281 @@
+"""`vtc-export sweep`: build every method x ratio of one checkpoint, profile each, and score its fidelity
+against the uncompressed artifact (vtc.export.fidelity) into one table and one chart.
+
+Layout of the output directory (default artifacts/sweep-<model>):
+
+    artifacts/<method>-r<ratio>/   the built variants (ratio 1.0 is one shared `none-r1` artifact)
+    sweep-state.json               finished variants, rewritten atomically after each one
+    sweep.json, sweep.csv          the table: one row per variant
+    sweep.png                      TTFT p50 and greedy agreement against kept tokens, one line per method
+    .graph-cache/                  exported graphs shared between variants (see `reuse_exports`)
+
+Resuming: a variant recorded in the state file whose artifact still loads is skipped; an artifact that
+was built but not yet scored (interrupted in between) is reused without rebuilding; the settings must
+match the state file's, else `--force` starts over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from vtc.export import graph_cache
+from vtc.export.build import DEFAULT_MAX_SEQ_LEN, DEFAULT_TEXT_BUDGET, BuildArgs
+from vtc.runtime.errors import ArtifactError, UsageError
+
+STATE = "sweep-state.json"
+STATE_SCHEMA = "vtc.sweep-state"
+COLUMNS = ("variant", "method", "ratio", "kv_cache", "k_visual", "n_visual", "prompt_tokens", "ttft_ms_p50", "ttft_ms_p90",
+           "vit_time_ms_p50", "prefill_time_ms_p50", "tpot_ms_p50", "generation_throughput_tok_s_p50", "e2e_ms_p50",
+           "kv_cache_prompt_bytes", "peak_rss_bytes", "energy_per_query_j", "greedy_agreement",
+           "greedy_prefix_tokens", "first_token_kl", "first_token_match", "build_s", "artifact")
+
+
+@dataclass(frozen=True)
+class SweepArgs:
+    model: str | None  # None = the built-in demo model
+    methods: tuple
+    ratios: tuple
+    output: str | None = None
+    runs: int = 5
+    warmup: int = 1
+    max_new_tokens: int = 32
+    fidelity_tokens: int = 32
+    images: tuple = ()  # fidelity images (default: three synthetic ones); the first is profiled
+    prompts: tuple = ()  # fidelity prompts (default: two); the first is profiled
+    threads: int | None = None
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    text_budget: int = DEFAULT_TEXT_BUDGET
+    parity_tokens: int = 8
+    force: bool = False  # ignore the state file and existing artifacts: start over
+    kv_caches: tuple = ("fp32",)  # KV cache storage of the variants (BuildArgs.kv_cache); each one is a variant
+
+
+@dataclass(frozen=True)
+class Variant:
+    method: str
+    ratio: float
+    kv: str = "fp32"
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-r{self.ratio:g}" + ("" if self.kv == "fp32" else f"-kv{self.kv}")
+
+
+def plan_variants(args: SweepArgs) -> list[Variant]:
+    """The uncompressed fp32-KV reference first, then every KV dtype x method x ratio (names checked here);
+    ratio 1.0 is one `none` variant per KV dtype."""
+    from vtc.export import methods
+    from vtc.export.build import KV_DTYPES
+
+    if not args.methods:
+        raise UsageError("--methods is empty.", "Example: --methods pool,cls-attn (see `vtc-export list`).")
+    for m in args.methods:
+        methods.get(m)
+    for r in args.ratios:
+        if not 0.0 < r <= 1.0:
+            raise UsageError(f"--ratios has {r}: a ratio is the fraction of visual tokens KEPT.", "Use 0 < ratio <= 1.")
+    bad = [k for k in args.kv_caches if k not in KV_DTYPES]
+    if bad or not args.kv_caches:
+        raise UsageError(f"--kv-cache {','.join(bad) or '(empty)'}: not a KV cache type.", f"Use {', '.join(KV_DTYPES)}.")
+    out = [Variant("none", 1.0)]
+    for kv in args.kv_caches:
+        out += [Variant("none", 1.0, kv)] if 1.0 in args.ratios else []
+        out += [Variant(m, r, kv) for m in args.methods if m != "none" for r in args.ratios if r != 1.0]
+    return list(dict.fromkeys(out))
+
+
+def _settings(args: SweepArgs, model_dir: Path) -> dict:
+    keep = ("runs", "warmup", "max_new_tokens", "fidelity_tokens", "images", "prompts", "threads", "max_seq_len",
+            "text_budget")
+    return {"model": str(model_dir.resolve()), **{k: (list(v) if isinstance(v, tuple) else v)
+                                                  for k, v in asdict(args).items() if k in keep}}
+
+
+def load_state(root: Path, settings: dict, force: bool) -> dict:
+    path = root / STATE
+    if force or not path.is_file():
+        return {"schema": STATE_SCHEMA, "version": 1, "settings": settings, "variants": {}}
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path} is not valid JSON ({e}).", "Pass --force to start the sweep over.") from e
+    if state.get("schema") != STATE_SCHEMA or state.get("settings") != settings:
+        old = state.get("settings", {})
+        diff = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
+        raise UsageError(f"the sweep in {root} was run with other settings ({diff or 'another format'}).",
+                         "Pass --force to start over, or choose another --output.")
+    return state
+
+
+def save_state(root: Path, state: dict) -> None:
+    """Atomic: write a temporary file next to it, then rename over the old one."""
+    tmp = root / f".{STATE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, root / STATE)
+
+
+def _build_args(args: SweepArgs, model_dir: Path, v: Variant, out: Path) -> BuildArgs:
+    return BuildArgs(model=str(model_dir), method=v.method, ratio=v.ratio, output=str(out), max_seq_len=args.max_seq_len,
+                     text_budget=args.text_budget, force=True, parity_tokens=args.parity_tokens, kv_cache=v.kv)
+
+
+def _existing(out: Path, bargs: BuildArgs) -> bool:
+    """A complete artifact at `out` built with the same arguments (an interrupted sweep's leftover)."""
+    from vtc.runtime import manifest as mf
+
+    try:
+        m = mf.load(out, check_files=True)
+    except ArtifactError:
+        return False
+    keys = ("model", "method", "ratio", "max_seq_len", "text_budget", "method_options", "kv_cache")
+    return all(m.build_args.get(k) == asdict(bargs)[k] for k in keys)
+
+
+def build_variant(args: SweepArgs, model_dir: Path, v: Variant, root: Path, step) -> tuple[Path, float]:
+    """(artifact, build seconds; 0 when an existing artifact was reused)."""
+    from vtc.export import build as build_mod
+
+    out = root / "artifacts" / v.name
+    bargs = _build_args(args, model_dir, v, out)
+    if not args.force and _existing(out, bargs):
+        return out, 0.0
+    t0 = time.perf_counter()
+    with graph_cache.reuse_exports(root / ".graph-cache"):
+        build_mod.build(bargs, step)
+    return out, time.perf_counter() - t0
+
+
+def profile_variant(args: SweepArgs, art: Path) -> dict:
+    from vtc.runtime.profiler import DEFAULT_PROMPT, ProfileConfig, profile
+
+    cfg = ProfileConfig(image=args.images[0] if args.images else None,
+                        prompt=args.prompts[0] if args.prompts else DEFAULT_PROMPT, runs=args.runs,
+                        warmup=args.warmup, max_new_tokens=args.max_new_tokens, threads=args.threads)
+    return profile(art, cfg)
+
+
+def row_of(v: Variant, art: Path, report: dict, fid: dict, build_s: float) -> dict:
+    m, c = report["metrics"], report["compression"]
+
+    def p(key: str, stat: str = "p50"):
+        return m[key][stat] if key in m else None
+
+    energy = (report.get("power") or {}).get("energy_per_query_j")
+    return {"variant": v.name, "method": c["method"], "ratio": c["ratio"], "kv_cache": v.kv, "k_visual": c["k_visual"],
+            "n_visual": c["n_visual"], "prompt_tokens": report["tokens"]["prompt_tokens"],
+            "ttft_ms_p50": p("ttft_ms"), "ttft_ms_p90": p("ttft_ms", "p90"), "vit_time_ms_p50": p("vit_time_ms"),
+            "prefill_time_ms_p50": p("prefill_time_ms"), "tpot_ms_p50": p("tpot_ms"),
+            "generation_throughput_tok_s_p50": p("generation_throughput_tok_s"), "e2e_ms_p50": p("e2e_ms"),
+            "kv_cache_prompt_bytes": report["memory"]["kv_cache_prompt_bytes"],
+            "peak_rss_bytes": report["memory"]["peak_rss_bytes"],
+            "energy_per_query_j": energy["p50"] if energy else None, **fid, "build_s": round(build_s, 2),
+            "artifact": str(art)}
+
+
+def run_variant(args, model_dir: Path, v: Variant, root: Path, ref, step, built: tuple | None = None) -> dict:
+    from vtc.export import fidelity
+    from vtc.runtime.backend import get_backend
+    from vtc.runtime.pipeline import VLM
+
+    if built is None:
+        with step(f"{v.name}: build"):
+            built = build_variant(args, model_dir, v, root, step)
+    art, build_s = built
+    with step(f"{v.name}: profile ({args.runs} runs)"):
+        report = profile_variant(args, art)
+    with step(f"{v.name}: fidelity"):
+        fid = fidelity.score(VLM(art, backend=get_backend(threads=args.threads)), ref)
+    return row_of(v, art, report, fid, build_s)
+
+
+def _done(state: dict, v: Variant) -> bool:
+    from vtc.runtime import manifest as mf
+
+    row = state["variants"].get(v.name)
+    if row is None:
+        return False
+    try:
+        mf.load(Path(row["artifact"]), check_files=False)
+    except ArtifactError:
+        return False
+    return True
+
+
+@dataclass
+class SweepResult:
+    rows: list  # one dict per variant (COLUMNS and more), in plan order
+    root: Path  # the sweep directory
+    settings: dict
+
+
+def sweep(args: SweepArgs, step: Callable = lambda _label: contextlib.nullcontext(),
+          on_variant: Callable[[int, int, str, str], None] | None = None) -> SweepResult:
+    """Build, profile and score every variant not finished before.
+
+    `on_variant(i, n, name, status)` reports progress: status is "skipped" (finished earlier),
+    "start" or "done".
+    """
+    from vtc.export import fidelity
+    from vtc.export.demo import ensure_demo_checkpoint
+    from vtc.runtime.backend import get_backend
+    from vtc.runtime.pipeline import VLM
+
+    variants = plan_variants(args)
+    model_dir = ensure_demo_checkpoint() if args.model is None else Path(args.model).expanduser()
+    root = Path(args.output) if args.output else Path("artifacts") / f"sweep-{_model_name(model_dir)}"
+    root.mkdir(parents=True, exist_ok=True)
+    settings = _settings(args, model_dir)
+    state = load_state(root, settings, args.force)
+    save_state(root, state)
+    notify = on_variant or (lambda *_: None)
+    ref, built = None, {}
+    for i, v in enumerate(variants):
+        if not args.force and _done(state, v):
+            notify(i, len(variants), v.name, "skipped")
+            continue
+        notify(i, len(variants), v.name, "start")
+        if ref is None:  # the uncompressed artifact's tokens and logits on the fidelity set
+            with step(f"{variants[0].name}: build"):
+                base = built[variants[0].name] = build_variant(args, model_dir, variants[0], root, step)
+            pairs = fidelity.load_pairs(list(args.images), list(args.prompts))
+            with step("reference tokens and logits (uncompressed)"):
+                ref = fidelity.reference(VLM(base[0], backend=get_backend(threads=args.threads)), pairs,
+                                         args.fidelity_tokens)
+        state["variants"][v.name] = run_variant(args, model_dir, v, root, ref, step, built.get(v.name))
+        save_state(root, state)
+        notify(i, len(variants), v.name, "done")
+    return SweepResult([state["variants"][v.name] for v in variants], root, settings)
+
+
+def _model_name(model_dir: Path) -> str:
+    from vtc.export.demo import is_demo
+
+    return "demo-llava" if is_demo(model_dir) else model_dir.resolve().name
+
+
+# -- outputs ------------------------------------------------------------------------------------------
+def write_outputs(result: SweepResult) -> list[Path]:
+    """sweep.json (rows + settings), sweep.csv (COLUMNS) and sweep.png in the sweep directory."""
+    import csv
+    import io
+
+    from vtc.runtime import charts
+
+    root = result.root
+    (root / "sweep.json").write_text(json.dumps({"schema": "vtc.sweep", "settings": result.settings,
+                                                 "rows": result.rows}, indent=2) + "\n")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in result.rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+    (root / "sweep.csv").write_text(buf.getvalue())
+    charts.sweep_chart(result.rows, root / "sweep.png",
+                       f"{root.name}: TTFT and fidelity against kept visual tokens ({result.settings['model']})")
+    return [root / "sweep.csv", root / "sweep.json", root / "sweep.png"]

@@ -1,0 +1,125 @@
+"""`vtc-export sweep` on a tiny model: two methods x three ratios, the table and chart, fidelity against
+the uncompressed artifact, shared LLM graphs, and resuming after an interruption without rebuilding."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from vtc.export import build as build_mod
+from vtc.export import sweep as sw
+from vtc.export.cli import main
+from vtc.runtime import manifest as mf
+
+SETTINGS = ["--runs", "2", "--warmup", "1", "--max-new-tokens", "4", "--fidelity-tokens", "12", "--max-seq-len", "256",
+            "--text-budget", "48"]
+
+
+def sweep_args(model: Path, out: Path, **kw) -> sw.SweepArgs:
+    base = dict(model=str(model), methods=("pool", "cls-attn"), ratios=(1.0, 0.5, 0.25), output=str(out), runs=2,
+                warmup=1, max_new_tokens=4, fidelity_tokens=12, max_seq_len=256, text_budget=48)
+    return sw.SweepArgs(**{**base, **kw})
+
+
+@pytest.fixture
+def build_spy(monkeypatch) -> list[str]:
+    """Names of the variants `build` is called for."""
+    calls, real = [], build_mod.build
+
+    def spy(args, step):
+        calls.append(Path(args.output).name)
+        return real(args, step)
+
+    monkeypatch.setattr(build_mod, "build", spy)
+    return calls
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def test_sweep_interrupt_resume_table_and_chart(tmp_path, tiny_checkpoints, build_spy, capsys):
+    model, out = tiny_checkpoints["mha-default"], tmp_path / "sweep"
+    args = sweep_args(model, out)
+    assert [v.name for v in sw.plan_variants(args)] == ["none-r1", "pool-r0.5", "pool-r0.25", "cls-attn-r0.5",
+                                                        "cls-attn-r0.25"]
+    done = []
+
+    def interrupt_after_two(i, n, name, status):
+        if status == "done":
+            done.append(name)
+            if len(done) == 2:
+                raise Interrupt()  # as if Ctrl-C arrived right after the second variant finished
+
+    with pytest.raises(Interrupt):
+        sw.sweep(args, on_variant=interrupt_after_two)
+    state = json.loads((out / sw.STATE).read_text())
+    assert list(state["variants"]) == ["none-r1", "pool-r0.5"] and build_spy == ["none-r1", "pool-r0.5"]
+    before = {n: (out / "artifacts" / n / "manifest.json").stat() for n in done}
+
+    statuses = []
+    result = sw.sweep(args, on_variant=lambda i, n, name, status: statuses.append((name, status)))
+    assert ("none-r1", "skipped") in statuses and ("pool-r0.5", "skipped") in statuses
+    assert build_spy == ["none-r1", "pool-r0.5", "pool-r0.25", "cls-attn-r0.5", "cls-attn-r0.25"]  # none rebuilt
+    for n, st in before.items():
+        now = (out / "artifacts" / n / "manifest.json").stat()
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), f"{n} was rebuilt"
+
+    rows = {r["variant"]: r for r in result.rows}
+    assert rows["none-r1"]["k_visual"] == 64 and rows["none-r1"]["greedy_agreement"] == 1.0
+    assert rows["none-r1"]["first_token_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert rows["pool-r0.25"]["k_visual"] == 16 and rows["cls-attn-r0.5"]["k_visual"] == 32
+    for r in result.rows:
+        assert 0.0 <= r["greedy_agreement"] <= 1.0 and r["first_token_kl"] >= 0.0 and r["ttft_ms_p50"] > 0
+        assert r["fidelity_pairs"] == 6 and r["fidelity_tokens"] == 12
+
+    # the LLM graph was exported once and linked into every variant; checksums still hold
+    inodes = {(out / "artifacts" / n / "llm.onnx.data").stat().st_ino for n in rows}
+    assert len(inodes) == 1
+    for n in rows:
+        mf.load(out / "artifacts" / n, check_files=True)
+
+    paths = sw.write_outputs(result)
+    assert [p.name for p in paths] == ["sweep.csv", "sweep.json", "sweep.png"]
+    table = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [t["variant"] for t in table] == list(rows) and set(sw.COLUMNS) == set(table[0])
+    assert json.loads((out / "sweep.json").read_text())["rows"][0]["variant"] == "none-r1"
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+    # a variant whose result was lost (state entry deleted) is re-measured from its artifact, not rebuilt
+    state = json.loads((out / sw.STATE).read_text())
+    del state["variants"]["cls-attn-r0.25"]
+    (out / sw.STATE).write_text(json.dumps(state))
+    n_builds = len(build_spy)
+    capsys.readouterr()
+    rc = main(["sweep", "--model", str(model), "--methods", "pool,cls-attn", "--ratios", "1.0,0.5,0.25",
+               "--output", str(out), *SETTINGS])
+    cli_out, cli_err = capsys.readouterr()
+    assert rc == 0, cli_err
+    assert len(build_spy) == n_builds  # nothing rebuilt
+    assert cli_err.count("finished earlier, skipped") == 4 and "cls-attn-r0.25" in cli_out
+    again = {r["variant"]: r for r in json.loads((out / "sweep.json").read_text())["rows"]}
+    assert again["cls-attn-r0.25"]["build_s"] == 0.0
+
+    rc = main(["sweep", "--model", str(model), "--methods", "pool", "--ratios", "1.0,0.5", "--output", str(out),
+               *SETTINGS[:-2], "--text-budget", "40"])
+    assert rc == 2 and "other settings (text_budget 48 -> 40)" in capsys.readouterr().err
+
+
+def test_sweep_rejects_bad_grid(capsys, tmp_path):
+    assert main(["sweep", "--methods", "pool,nope", "--ratios", "0.5", "--output", str(tmp_path / "s")]) == 2
+    assert "unknown compression method 'nope'" in capsys.readouterr().err
+    assert main(["sweep", "--methods", "pool", "--ratios", "0.5,1.5", "--output", str(tmp_path / "s")]) == 2
+    assert "--ratios has 1.5" in capsys.readouterr().err
+    assert main(["sweep", "--methods", "pool", "--ratios", "half", "--output", str(tmp_path / "s")]) == 2
+    assert not (tmp_path / "s").exists()
+
+
+def test_sweep_plan_with_kv_caches(tmp_path):
+    args = sweep_args(Path("m"), tmp_path, methods=("pool",), ratios=(1.0, 0.25), kv_caches=("fp32", "int8"))
+    assert [v.name for v in sw.plan_variants(args)] == ["none-r1", "pool-r0.25", "none-r1-kvint8", "pool-r0.25-kvint8"]
+    with pytest.raises(sw.UsageError, match="not a KV cache type"):
+        sw.plan_variants(sweep_args(Path("m"), tmp_path, kv_caches=("int4",)))
