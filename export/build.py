@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from vtc.runtime.errors import ModelError, UsageError
+from vtc.runtime.errors import UsageError
 
 DEFAULT_METHOD = "pool"
 DEFAULT_RATIO = 0.25
@@ -185,7 +185,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 
 def _write_artifact(tmp: Path, args: BuildArgs, ctx: dict, step: Callable):
-    from vtc.export import assets, onnx_export, parity
+    from vtc.export import assets, parity
     from vtc.runtime import manifest as mf
 
     adapter, model, method, plan, spec = (ctx[k] for k in ("adapter", "model", "method", "plan", "spec"))

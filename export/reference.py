@@ -128,9 +128,16 @@ def eager_generate(adapter, model, method, plan: Plan, pixel_values, before, aft
     """Greedy generation in eager PyTorch over the LLM segments (HF modules, vtc.export.llm), with the
     deployed selection for in-LLM methods: (Reference, kv) where kv[i] = [K, V] of layer i, each
     [1, Hkv, len_i, Dh], everything the cache held at the end (calibration reads it)."""
+    from vtc.export import methods
+
+    spec = adapter.visual_spec(model)
     with torch.no_grad():
-        image_embeds, kept, token_map = reference_visual(adapter, model, method, plan, adapter.visual_spec(model),
-                                                         pixel_values)
+        if method.stage == "llm":  # the vision side is uncompressed; the selection happens between segments
+            none = methods.get("none")
+            image_embeds, kept, token_map = reference_visual(adapter, model, none, none.plan(spec, 1.0, {}), spec,
+                                                             pixel_values)
+        else:
+            image_embeds, kept, token_map = reference_visual(adapter, model, method, plan, spec, pixel_values)
     table = adapter.embed_table(model)
     embeds = torch.cat([table[before][None], image_embeds, table[after][None]], dim=1)  # [1, S, D]
     n_layers = adapter.lm_spec(model).num_layers

@@ -37,13 +37,13 @@ def bench_checkpoint() -> Path:
     return path
 
 
-def build_artifact(ckpt: Path, method: str, ratio: float, root: Path) -> Path:
+def build_artifact(ckpt: Path, method: str, ratio: float, root: Path, kv_cache: str = "fp32") -> Path:
     from vtc.export.build import BuildArgs, build
 
     from vtc.runtime import manifest as mf
     from vtc.runtime.errors import ArtifactError
 
-    out = root / f"{method}-r{ratio:g}"
+    out = root / (f"{method}-r{ratio:g}" + ("" if kv_cache == "fp32" else f"-kv{kv_cache}"))
     try:
         mf.load(out, check_files=False)
         return out  # built by an earlier bench run with a compatible vtc
@@ -51,7 +51,7 @@ def build_artifact(ckpt: Path, method: str, ratio: float, root: Path) -> Path:
         pass
     k_max = 577  # the same cache length for every variant, so decode times compare like for like
     args = BuildArgs(model=str(ckpt), method=method, ratio=ratio, output=str(out), text_budget=32,
-                     max_seq_len=k_max + 32 + 64, force=True, parity_tokens=4)
+                     max_seq_len=k_max + 32 + 64, force=True, parity_tokens=4, kv_cache=kv_cache)
     t0 = time.perf_counter()
     build(args, lambda _label: contextlib.nullcontext())
     print(f"built {out.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -109,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="pool,cls-attn,visionzip,tome,divprune,random,uniform,fastv,tokencarve",
                     help="methods to run at --ratio besides the uncompressed baseline")
     ap.add_argument("--ratio", default="0.25", help="ratio(s) for --methods, comma-separated (default 0.25)")
+    ap.add_argument("--kv-caches", default="int8,fp8",
+                    help="quantized KV caches to run with pool at the first --ratio (same run, same cache length)")
     ap.add_argument("--workdir", type=Path, default=None, help="where artifacts go (default: the vtc cache)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -124,11 +126,13 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown methods {unknown}; available: {', '.join(registry.names())}")
     ratios = [float(r) for r in str(args.ratio).split(",") if r.strip()]
-    variants = [("none", 1.0)] + [(m, r) for r in ratios for m in wanted if r != 1.0]
+    variants = [("none", 1.0, "fp32")] + [(m, r, "fp32") for r in ratios for m in wanted if r != 1.0]
+    variants += [("pool", ratios[0], kv) for kv in args.kv_caches.split(",") if kv]
     results = {}
-    for method, ratio in variants:
-        art = build_artifact(ckpt, method, ratio, root)
-        results[f"vtc {method} r{ratio:g}"] = bench_vtc(art, args.threads, args.runs, args.warmup, args.new_tokens)
+    for method, ratio, kv in variants:
+        art = build_artifact(ckpt, method, ratio, root, kv)
+        name = f"vtc {method} r{ratio:g}" + ("" if kv == "fp32" else f" {kv}")
+        results[name] = bench_vtc(art, args.threads, args.runs, args.warmup, args.new_tokens)
     results["HF eager r1"] = bench_hf(ckpt, args.threads, args.runs, args.warmup, args.new_tokens)
     report(results, args)
     return 0
@@ -156,6 +160,12 @@ def report(results: dict, args) -> None:
         print(f"  TTFT r0.25 (pool) vs r1.0: {speedup:.2f}x faster (target >= 2.5x): {'PASS' if speedup >= 2.5 else 'FAIL'}")
     ratio = full["decode_ms"] / hf["decode_ms"]
     print(f"  decode ms/token vtc r1.0 / HF eager: {ratio:.2f} (target <= 1.0): {'PASS' if ratio <= 1.0 else 'FAIL'}")
+    for kv in ("int8", "fp8"):
+        quant = results.get(f"vtc pool r0.25 {kv}")
+        if quant and quarter:
+            slower = quant["decode_ms"] / quarter["decode_ms"]
+            verdict = f"{'PASS' if slower <= 1.15 else 'FAIL'}" if kv == "int8" else "(no target)"
+            print(f"  decode ms/token pool r0.25 {kv} KV / fp32 KV: {slower:.2f}x (target <= 1.15x): {verdict}")
     worst = max(r["overhead_pct"] for r in results.values() if "overhead_pct" in r)
     print(f"  runtime overhead outside ONNX Runtime, decode: max {worst:.2f}% (target < 3%): "
           f"{'PASS' if worst < 3 else 'FAIL'}")
