@@ -24,7 +24,7 @@ from vtc.runtime.errors import ExportError
 from vtc.runtime.manifest import GraphSpec, TensorSpec
 
 OPSET = 18
-FP8_OPSET = 21  # float8 tensors need opset >= 19; ORT CPU implements Shape on float8 from 21
+FP8_OPSET = 19  # float8 Q/DQ needs opset >= 19
 MAX_SEQ_DIM = 32768
 
 
@@ -136,6 +136,11 @@ def export_llm(lm: StaticCacheLM, num_kv_heads: int, hidden: int, path: Path, pr
     inputs, outputs = llm_io_names(lm.first, lm.end, lm.has_head)
     opset = FP8_OPSET if "float8_e4m3fn" in dtypes else OPSET
     _export(module, args, path, inputs, outputs, dyn, external=True, opset=opset)
+    if any(d in ("int8", "float8_e4m3fn") for d in dtypes):
+        from vtc.export.qdq import cast_to_qdq
+
+        cast_to_qdq(path)  # explicit Q/DQ instead of Cast, for TensorRT
+        onnx.checker.check_model(str(path), full_check=False)
     return graph_spec(path, profiles)
 
 

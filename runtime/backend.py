@@ -55,7 +55,14 @@ class OrtSession(GraphSession):
         opts.log_severity_level = 3
         providers, self.fallback = ort_providers(ort, provider)
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+            # ORT 1.31 + float8 Q/DQ (the fp8 KV cache): ClipQuantRewrite rejects a float8 zero point, and the
+            # extended-level QDQ transformers move Transposes in front of DequantizeLinear onto float8 tensors,
+            # which have no CPU Transpose kernel. Such graphs run with basic optimizations (FP8 is a TensorRT /
+            # SM 8.9+ feature; on CPU it runs for verification).
+            disabled = ["ClipQuantRewrite"]
+            if any(t.dtype == "float8_e4m3fn" for t in spec.inputs):
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            self.session = ort.InferenceSession(str(path), opts, providers=providers, disabled_optimizers=disabled)
         except Exception as e:  # onnxruntime raises its own untyped errors (Fail, InvalidGraph, ...)
             raise BackendError(f"ONNX Runtime could not load {path}: {e}", "Rebuild the artifact.") from e
         active = self.session.get_providers()[0]

@@ -34,18 +34,11 @@ def method_artifact(artifact_factory, method: str) -> Path:
     return artifact_factory("mha-default", method, 0.25, **opts)
 
 
-# The quantized caches are stored by Cast to INT8 / FP8 (and FP8 graphs use opset 21): TensorRT 10.1 has
-# INT8/FP8 only through QuantizeLinear/DequantizeLinear and opsets up to 20. A real finding, reported; strict,
-# so the marker must go when the KV graphs change.
-KV_NOT_YET = pytest.mark.xfail(strict=True, reason="KV int8/fp8 graphs Cast to INT8/FP8; TensorRT needs Q/DQ")
-
-
 def kv_dtypes() -> list:
     from vtc.export.build import KV_DTYPES, BuildArgs
 
     assert "kv_cache" in BuildArgs.__dataclass_fields__
-    return [pytest.param(d, marks=KV_NOT_YET) if d in ("int8", "fp8") else d
-            for d in KV_DTYPES if d != "fp32"]  # fp32: every method's artifact above
+    return [d for d in KV_DTYPES if d != "fp32"]  # fp32: every method's artifact above
 
 
 def summary(report) -> str:

@@ -24,7 +24,9 @@ def sample() -> mf.Manifest:
                                        kv_visual_per_layer=[16, 16]),
         lm=mf.LMInfo(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64, vocab_size=200),
         text=mf.TextInfo(budget=48, max_seq_len=256, eos_token_ids=[2], chat_template="chat_template.jinja"),
-        kv_cache=mf.KVCacheInfo(dtype="float32", layout="[layer][key|value]", bytes_per_token=512, bytes_total=131072),
+        kv_cache=mf.KVCacheInfo(dtype="float32", layer_dtypes=["float32", "float32"], layout="[layer][key|value]",
+                                bytes_per_token=512, bytes_total=131072, scales=None, scale_source=None,
+                                fallback_layers=[], accuracy={}),
         graphs={
             "vision": mf.GraphSpec(file="vision.onnx", inputs=[t("pixel_values", "float32", [1, 3, 112, 112])],
                                    outputs=[t("image_embeds", "float32", [1, 16, 64]), t("kept_index", "int64", [1, 16])],
