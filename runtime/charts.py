@@ -7,7 +7,7 @@ from pathlib import Path
 from vtc.runtime.errors import UsageError
 
 STAGES = (("preprocess_ms", "preprocess", "#9e9e9e"), ("vit_time_ms", "vision encoder + compressor", "#4c72b0"),
-          ("prefill_time_ms", "prefill", "#dd8452"), ("first_token_ms", "first token", "#c44e52"))
+          ("prefill_time_ms", "prefill", "#dd8452"), ("first_token_ms", "first token", "#8172b3"))
 
 
 def pyplot():

@@ -19,7 +19,7 @@ from typing import Any
 from vtc.runtime.errors import ArtifactError
 
 SCHEMA = "vtc.artifact"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: in-LLM stage fields, per-layer KV dtypes, scales, accuracy, engines
 MANIFEST = "manifest.json"
 
 
