@@ -203,5 +203,5 @@ def test_missing_version():
 
 def test_bool_version_rejected():
     d = raw()
-    d["schema_version"] = True  # == 1 in Python, but not an int schema version
-    fails(d, "schema_version should be int, got bool")
+    d["schema_version"] = True  # a bool is never a schema version (True == 1 in Python)
+    fails(d, "schema version True")
