@@ -57,6 +57,8 @@ class VLM:
         self.preprocessor = ImagePreprocessor.from_config(m.preprocess)
         self.text = TextProcessor.from_dir(self.dir, image_token=m.model.image_token, model_type=m.model.architecture)
         self.embed = np.load(self.dir / m.embeddings["file"], mmap_mode="r", allow_pickle=False)  # [V, D]
+        if hasattr(self.backend, "prepare"):
+            self.backend.prepare(m)
         sessions = {name: self.backend.open(self.dir, spec) for name, spec in m.graphs.items()}
         self.vision = sessions.pop("vision")
         self.cache = StaticKVCache(m.lm.num_layers, m.lm.num_kv_heads, m.lm.head_dim, m.text.max_seq_len,
