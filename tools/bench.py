@@ -71,6 +71,23 @@ def bench_vtc(art: Path, threads: int, runs: int, warmup: int, new_tokens: int) 
             "select_ms": m["select_ms"]["p50"] if "select_ms" in m else 0.0, "stage": c["stage"]}
 
 
+def paired_decode(art_a: Path, art_b: Path, threads: int, pairs: int, new_tokens: int) -> tuple[float, float]:
+    """Median decode ms/token of two artifacts measured in alternation (A, B, A, B, ...), so that the
+    host's load drifts over both alike: a 15% target cannot be judged from sequential runs on a noisy
+    2-core machine (identical LLM graphs differed by ~11% there)."""
+    from vtc.runtime.backend import get_backend
+    from vtc.runtime.pipeline import VLM
+
+    vlms = [VLM(a, backend=get_backend(threads=threads), check_files=False) for a in (art_a, art_b)]
+    times = ([], [])
+    for i in range(2 * pairs + 2):
+        j = i % 2
+        ms = vlms[j].generate(IMAGE, PROMPT, max_new_tokens=new_tokens + 1).timings_ms["decode_per_token"]
+        if i >= 2:  # one warm-up each
+            times[j].append(ms)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def bench_hf(ckpt: Path, threads: int, runs: int, warmup: int, new_tokens: int) -> dict:
     import torch
     from PIL import Image
@@ -134,11 +151,16 @@ def main(argv=None) -> int:
         name = f"vtc {method} r{ratio:g}" + ("" if kv == "fp32" else f" {kv}")
         results[name] = bench_vtc(art, args.threads, args.runs, args.warmup, args.new_tokens)
     results["HF eager r1"] = bench_hf(ckpt, args.threads, args.runs, args.warmup, args.new_tokens)
-    report(results, args)
+    paired = {}
+    for kv in [k for k in args.kv_caches.split(",") if k]:
+        base = build_artifact(ckpt, "pool", ratios[0], root)
+        paired[kv] = paired_decode(base, build_artifact(ckpt, "pool", ratios[0], root, kv), args.threads,
+                                   max(args.runs, 8), args.new_tokens)
+    report(results, args, paired)
     return 0
 
 
-def report(results: dict, args) -> None:
+def report(results: dict, args, paired: dict | None = None) -> None:
     print(f"\nbench-size random LLaVA, {args.threads} threads, {args.new_tokens} new tokens, "
           f"median of {args.runs} runs (CPU, ONNX Runtime)")
     base_vision = results["vtc none r1"]["vision_ms"]
@@ -160,12 +182,11 @@ def report(results: dict, args) -> None:
         print(f"  TTFT r0.25 (pool) vs r1.0: {speedup:.2f}x faster (target >= 2.5x): {'PASS' if speedup >= 2.5 else 'FAIL'}")
     ratio = full["decode_ms"] / hf["decode_ms"]
     print(f"  decode ms/token vtc r1.0 / HF eager: {ratio:.2f} (target <= 1.0): {'PASS' if ratio <= 1.0 else 'FAIL'}")
-    for kv in ("int8", "fp8"):
-        quant = results.get(f"vtc pool r0.25 {kv}")
-        if quant and quarter:
-            slower = quant["decode_ms"] / quarter["decode_ms"]
-            verdict = f"{'PASS' if slower <= 1.15 else 'FAIL'}" if kv == "int8" else "(no target)"
-            print(f"  decode ms/token pool r0.25 {kv} KV / fp32 KV: {slower:.2f}x (target <= 1.15x): {verdict}")
+    for kv, (fp32_ms, kv_ms) in (paired or {}).items():
+        slower = kv_ms / fp32_ms
+        verdict = f"{'PASS' if slower <= 1.15 else 'FAIL'}" if kv == "int8" else "(no target)"
+        print(f"  decode ms/token pool {kv} KV / fp32 KV, interleaved runs: {kv_ms:.2f} / {fp32_ms:.2f} = {slower:.2f}x "
+              f"(target <= 1.15x): {verdict}")
     worst = max(r["overhead_pct"] for r in results.values() if "overhead_pct" in r)
     print(f"  runtime overhead outside ONNX Runtime, decode: max {worst:.2f}% (target < 3%): "
           f"{'PASS' if worst < 3 else 'FAIL'}")
