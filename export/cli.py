@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_engine(sub)
     _add_compare(sub)
     _add_calibrate(sub)
+    _add_eval(sub)
     from vtc.export import profile_cmd
 
     profile_cmd.add_parsers(sub, _sub)  # profile, sweep
@@ -121,6 +122,22 @@ def _add_run(sub) -> None:
                         "with the reason)")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     r.add_argument("--overlay", metavar="PNG", help="save the image with kept patches highlighted, pruned ones dimmed")
+
+
+def _add_eval(sub) -> None:
+    e = _sub(sub, "eval", "measure an artifact's accuracy on a visual-QA set (JSONL or the synthetic task)", """
+          vtc-export eval artifacts/demo-llava-pool-r0.25 --dataset synthetic --limit 60
+          vtc-export eval ART --dataset my_vqa.jsonl --json report.json   # {image, question, answer[, type]} per line
+          vtc-export eval ART --dataset my_vqa.jsonl --on-error stop
+        """)
+    e.add_argument("artifact", metavar="DIR")
+    e.add_argument("--dataset", required=True, metavar="PATH|synthetic",
+                   help='JSONL with {"image", "question", "answer" (str or list), "type"?} per line, or "synthetic"')
+    e.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate at most N examples (synthetic: default 120)")
+    e.add_argument("--seed", type=int, default=1, metavar="S", help="seed of the synthetic set (default 1)")
+    e.add_argument("--max-new-tokens", type=int, default=8, metavar="N")
+    e.add_argument("--on-error", choices=["skip", "stop"], default="skip", help="bad dataset lines: skip (counted) or stop")
+    e.add_argument("--json", metavar="FILE", help="write the full report (every prediction) as JSON")
 
 
 def _add_calibrate(sub) -> None:

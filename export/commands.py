@@ -135,6 +135,39 @@ def visual_tokens(c, res) -> dict:
             "dropped": sum(1 for d in res.token_map if d < 0)}
 
 
+def cmd_eval(args, _parse_options) -> int:
+    from vtc.runtime import evaluate as ev
+    from vtc.runtime.errors import UsageError
+    from vtc.runtime.pipeline import VLM
+
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1 (got {args.limit}).", "Pass a positive number.")
+    vlm = VLM(Path(args.artifact))
+    if args.dataset == "synthetic":
+        items, problems = ev.synthetic(args.seed, args.limit or 120), ev.Problems()
+    else:
+        items, problems = ev.load_jsonl(Path(args.dataset), args.on_error, args.limit)
+    with err.status(f"evaluating {len(items)} examples...") as status:
+        report = ev.evaluate(vlm, items, problems, args.on_error, args.max_new_tokens,
+                             progress=lambda k: status.update(f"evaluating: {k}/{len(items)}"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    c = vlm.manifest.compression
+    acc = report["accuracy"]
+    out.print(f"{Path(args.artifact).name}: {c.method} ratio {c.ratio:g} ({c.k_visual} of {c.n_visual} visual tokens), "
+              f"{report['examples']} examples: accuracy {'-' if acc is None else f'{100 * acc:.1f}%'}, "
+              f"TTFT p50 {report['ttft_ms_p50'] or 0:.1f} ms")
+    for t, r in report["per_type"].items():
+        out.print(f"  {t:<10} {r['n']:>5}  {100 * r['accuracy']:.1f}%")
+    for p in report["problems"]:
+        err.print(f"[yellow]skipped line {p['line']}:[/] {p['message']}")
+    if report["skipped"]:
+        err.print(f"{report['skipped']} line(s) skipped")
+    if vlm.manifest.model.demo:
+        err.print("[yellow]demo model: random weights, its answers are meaningless (expect ~0% accuracy).[/]")
+    return 0
+
+
 def cmd_calibrate(args, parse_options) -> int:
     from vtc.export.build import BuildArgs
     from vtc.export.kvquant import write_scales
