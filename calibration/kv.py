@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from vtc.export.llm import QMAX, TORCH_DTYPE
+from vtc.export.llm import QMAX
 from vtc.runtime.errors import InputError, UsageError
 
 SCHEMA, VERSION = "vtc.kv_scales", 1
@@ -154,7 +154,3 @@ def layer_plan(k_thr: list, v_thr: list, stats: KVStats | None, dtype: str, fall
             dtypes.append(dtype), ks.append(k_s), vs.append(v_s)
         errors.append(err)
     return dtypes, ks, vs, errors, fell
-
-
-def torch_dtype_ok(dtype: str) -> bool:
-    return dtype in TORCH_DTYPE
