@@ -37,12 +37,14 @@ def add_parsers(sub, make) -> None:
 def _add_sweep(sub, make) -> None:
     s = make(sub, "sweep", "build, profile and score methods x ratios against the uncompressed model", """
           vtc-export sweep --methods pool,cls-attn --ratios 1.0,0.5,0.25,0.11       # demo model
+          vtc-export sweep --methods all --eval 500          # + accuracy on 500 synthetic questions (accuracy.md)
           vtc-export sweep --model ./llava-1.5-7b-hf --methods pool,fastv --ratios 1.0,0.25 --runs 10
           vtc-export sweep --methods pool --ratios 0.5 --image a.jpg --image b.jpg --prompt "Describe it."
           vtc-export sweep --methods pool --ratios 1.0,0.25 --kv-cache fp32,int8   # also with an INT8 KV cache
         """)
     s.add_argument("--model", metavar="DIR", help="local Hugging Face checkpoint directory (default: built-in demo)")
-    s.add_argument("--methods", required=True, metavar="A,B,...", help="compression methods (see `vtc-export list`)")
+    s.add_argument("--methods", required=True, metavar="A,B,...",
+                   help="compression methods (see `vtc-export list`), or `all`")
     s.add_argument("--ratios", default="1.0,0.5,0.25,0.11", metavar="R,R,...",
                    help="fractions of visual tokens kept (default 1.0,0.5,0.25,0.11; 1.0 = the uncompressed reference)")
     s.add_argument("--output", "-o", metavar="DIR", help="sweep directory (default: artifacts/sweep-<model>)")
@@ -60,6 +62,11 @@ def _add_sweep(sub, make) -> None:
     s.add_argument("--text-budget", type=int, default=None, metavar="N", help="max prompt text tokens of every variant")
     s.add_argument("--kv-cache", default="fp32", metavar="T,T,...",
                    help="KV cache storage per variant: fp32, fp16, int8, fp8 (comma list sweeps each; default fp32)")
+    s.add_argument("--eval", type=int, default=0, metavar="N",
+                   help="also score task accuracy on N questions per variant (default 0 = off); writes accuracy.md")
+    s.add_argument("--eval-dataset", default="synthetic", metavar="PATH|synthetic",
+                   help="JSONL {image, question, answer[, type]} per line, or the synthetic task (default)")
+    s.add_argument("--eval-seed", type=int, default=1, metavar="S", help="seed of the synthetic set (default 1)")
     s.add_argument("--force", action="store_true", help="start over: rebuild and re-measure every variant")
 
 
@@ -100,8 +107,6 @@ def cmd_profile(args, out, err) -> int:
         if path:
             write(report, Path(path))
             out.print(f"wrote {path}")
-    if report["demo"]:
-        err.print("[yellow]demo model: random weights; its timings are real, its text is meaningless.[/]")
     return 0
 
 
@@ -212,13 +217,21 @@ def sweep_args(args):
     from vtc.export.build import DEFAULT_MAX_SEQ_LEN, DEFAULT_TEXT_BUDGET
     from vtc.export.sweep import SweepArgs
 
-    return SweepArgs(model=args.model, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+    from vtc.export import methods
+
+    names = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if names == ("all",):
+        names = tuple(m for m in methods.names() if m != "none")
+    if args.eval < 0:
+        raise UsageError(f"--eval {args.eval}: the number of questions cannot be negative.", "Pass --eval 500, or 0 for none.")
+    return SweepArgs(model=args.model, methods=names,
                      ratios=_floats(args.ratios, "--ratios"), output=args.output, runs=args.runs, warmup=args.warmup,
                      max_new_tokens=args.max_new_tokens, fidelity_tokens=args.fidelity_tokens,
                      images=tuple(args.image), prompts=tuple(args.prompt), threads=args.threads or None,
                      max_seq_len=args.max_seq_len or DEFAULT_MAX_SEQ_LEN,
                      text_budget=args.text_budget or DEFAULT_TEXT_BUDGET, force=args.force,
-                     kv_caches=tuple(k.strip() for k in args.kv_cache.split(",") if k.strip()))
+                     kv_caches=tuple(k.strip() for k in args.kv_cache.split(",") if k.strip()),
+                     eval_n=args.eval, eval_dataset=args.eval_dataset, eval_seed=args.eval_seed)
 
 
 def cmd_sweep(args, out, err) -> int:
@@ -256,7 +269,7 @@ def print_sweep(console, rows: list[dict]) -> None:
             ("ViT ms", "vit_time_ms_p50", "{:.1f}"), ("prefill ms", "prefill_time_ms_p50", "{:.1f}"),
             ("TPOT ms", "tpot_ms_p50", "{:.2f}"), ("KV MiB", "kv_cache_prompt_bytes", "mib"),
             ("greedy agree", "greedy_agreement", "{:.0%}"), ("prefix tok", "greedy_prefix_tokens", "{:.1f}"),
-            ("KL 1st tok", "first_token_kl", "{:.3g}"), ("build s", "build_s", "{:.1f}"))
+            ("KL 1st tok", "first_token_kl", "{:.3g}"), ("accuracy", "accuracy", "{:.1%}"), ("build s", "build_s", "{:.1f}"))
     for head, _key, fmt in cols:
         table.add_column(head, justify="left" if fmt is None else "right")
     for r in rows:

@@ -33,7 +33,8 @@ STATE_SCHEMA = "vtc.sweep-state"
 COLUMNS = ("variant", "method", "ratio", "kv_cache", "k_visual", "n_visual", "prompt_tokens", "ttft_ms_p50", "ttft_ms_p90",
            "vit_time_ms_p50", "prefill_time_ms_p50", "tpot_ms_p50", "generation_throughput_tok_s_p50", "e2e_ms_p50",
            "kv_cache_prompt_bytes", "peak_rss_bytes", "energy_per_query_j", "greedy_agreement",
-           "greedy_prefix_tokens", "first_token_kl", "first_token_match", "build_s", "artifact")
+           "greedy_prefix_tokens", "first_token_kl", "first_token_match", "accuracy", "eval_examples", "build_s",
+           "artifact")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class SweepArgs:
     parity_tokens: int = 8
     force: bool = False  # ignore the state file and existing artifacts: start over
     kv_caches: tuple = ("fp32",)  # KV cache storage of the variants (BuildArgs.kv_cache); each one is a variant
+    eval_n: int = 0  # task accuracy on this many questions per variant (0 = no accuracy columns)
+    eval_dataset: str = "synthetic"  # a JSONL file ({image, question, answer[, type]}) or the synthetic task
+    eval_seed: int = 1  # the synthetic task's seed (vtc-export eval's default; held out from the demo's training)
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ def plan_variants(args: SweepArgs) -> list[Variant]:
 
 def _settings(args: SweepArgs, model_dir: Path) -> dict:
     keep = ("runs", "warmup", "max_new_tokens", "fidelity_tokens", "images", "prompts", "threads", "max_seq_len",
-            "text_budget")
+            "text_budget", "eval_n", "eval_dataset", "eval_seed")
     return {"model": str(model_dir.resolve()), **{k: (list(v) if isinstance(v, tuple) else v)
                                                   for k, v in asdict(args).items() if k in keep}}
 
@@ -160,6 +164,25 @@ def profile_variant(args: SweepArgs, art: Path) -> dict:
     return profile(art, cfg)
 
 
+def eval_items(args: SweepArgs) -> list:
+    """The accuracy set of every variant (checked once, before anything is built): bad lines stop the sweep."""
+    from vtc.runtime import evaluate as ev
+
+    if args.eval_dataset == "synthetic":
+        return ev.synthetic(args.eval_seed, args.eval_n)
+    items, _ = ev.load_jsonl(Path(args.eval_dataset), "stop", args.eval_n)
+    return items
+
+
+def accuracy_of(vlm, items: list) -> dict:
+    """{"accuracy", "eval_examples", "acc_<type>" per question type} for one variant."""
+    from vtc.runtime import evaluate as ev
+
+    rep = ev.evaluate(vlm, items, ev.Problems(), "stop")
+    return {"accuracy": rep["accuracy"], "eval_examples": rep["examples"],
+            **{f"acc_{t}": v["accuracy"] for t, v in rep["per_type"].items()}}
+
+
 def row_of(v: Variant, art: Path, report: dict, fid: dict, build_s: float) -> dict:
     m, c = report["metrics"], report["compression"]
 
@@ -178,7 +201,8 @@ def row_of(v: Variant, art: Path, report: dict, fid: dict, build_s: float) -> di
             "artifact": str(art)}
 
 
-def run_variant(args, model_dir: Path, v: Variant, root: Path, ref, step, built: tuple | None = None) -> dict:
+def run_variant(args, model_dir: Path, v: Variant, root: Path, ref, step, built: tuple | None = None,
+                items: list | None = None) -> dict:
     from vtc.export import fidelity
     from vtc.runtime.backend import get_backend
     from vtc.runtime.pipeline import VLM
@@ -189,8 +213,12 @@ def run_variant(args, model_dir: Path, v: Variant, root: Path, ref, step, built:
     art, build_s = built
     with step(f"{v.name}: profile ({args.runs} runs)"):
         report = profile_variant(args, art)
+    vlm = VLM(art, backend=get_backend(threads=args.threads))
     with step(f"{v.name}: fidelity"):
-        fid = fidelity.score(VLM(art, backend=get_backend(threads=args.threads)), ref)
+        fid = fidelity.score(vlm, ref)
+    if items:
+        with step(f"{v.name}: accuracy ({len(items)} questions)"):
+            fid = {**fid, **accuracy_of(vlm, items)}
     return row_of(v, art, report, fid, build_s)
 
 
@@ -234,6 +262,7 @@ def sweep(args: SweepArgs, step: Callable = lambda _label: contextlib.nullcontex
     state = load_state(root, settings, args.force)
     save_state(root, state)
     notify = on_variant or (lambda *_: None)
+    items = eval_items(args) if args.eval_n else None
     ref, built = None, {}
     for i, v in enumerate(variants):
         if not args.force and _done(state, v):
@@ -247,7 +276,7 @@ def sweep(args: SweepArgs, step: Callable = lambda _label: contextlib.nullcontex
             with step("reference tokens and logits (uncompressed)"):
                 ref = fidelity.reference(VLM(base[0], backend=get_backend(threads=args.threads)), pairs,
                                          args.fidelity_tokens)
-        state["variants"][v.name] = run_variant(args, model_dir, v, root, ref, step, built.get(v.name))
+        state["variants"][v.name] = run_variant(args, model_dir, v, root, ref, step, built.get(v.name), items)
         save_state(root, state)
         notify(i, len(variants), v.name, "done")
     return SweepResult([state["variants"][v.name] for v in variants], root, settings)
@@ -278,4 +307,41 @@ def write_outputs(result: SweepResult) -> list[Path]:
     (root / "sweep.csv").write_text(buf.getvalue())
     charts.sweep_chart(result.rows, root / "sweep.png",
                        f"{root.name}: TTFT and fidelity against kept visual tokens ({result.settings['model']})")
-    return [root / "sweep.csv", root / "sweep.json", root / "sweep.png"]
+    paths = [root / "sweep.csv", root / "sweep.json", root / "sweep.png"]
+    table = accuracy_table(_state_rows(root), result.settings)
+    if table:
+        (root / "accuracy.md").write_text(table)
+        paths.append(root / "accuracy.md")
+    return paths
+
+
+def _state_rows(root: Path) -> list[dict]:
+    try:
+        return list(json.loads((root / STATE).read_text())["variants"].values())
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def accuracy_table(rows: list[dict], settings: dict) -> str:
+    """Markdown: accuracy per question type of every scored variant in the sweep directory (earlier runs
+    with other --methods/--ratios/--kv-cache included), the uncompressed model first, then by KV dtype,
+    method and falling ratio."""
+    rows = [r for r in rows if r.get("accuracy") is not None]
+    if not rows:
+        return ""
+    types = sorted({k[4:] for r in rows for k in r if k.startswith("acc_")})
+    kv_order = ["fp32", "fp16", "int8", "fp8"]
+    rows.sort(key=lambda r: (r["method"] != "none", kv_order.index(r["kv_cache"]) if r["kv_cache"] in kv_order else 9,
+                             r["method"], -r["ratio"]))
+    src = "synthetic" if settings.get("eval_dataset") == "synthetic" else settings.get("eval_dataset")
+    lines = [f"Accuracy % on {rows[0]['eval_examples']} questions ({src}, seed {settings.get('eval_seed')}), greedy, "
+             f"ONNX Runtime; model {Path(settings['model']).name}.", "",
+             "| method | ratio | KV | visual tokens | overall | " + " | ".join(types) + " | TTFT p50 ms |",
+             "|---|---|---|---|---|" + "---|" * len(types) + "---|"]
+    for r in rows:
+        cells = [r["method"], f"{r['ratio']:g}", r["kv_cache"], f"{r['k_visual']} / {r['n_visual']}",
+                 f"**{100 * r['accuracy']:.1f}**"]
+        cells += ["-" if r.get(f"acc_{t}") is None else f"{100 * r[f'acc_{t}']:.1f}" for t in types]
+        cells.append("-" if r.get("ttft_ms_p50") is None else f"{r['ttft_ms_p50']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,6 +1,6 @@
 """A deterministic synthetic visual-QA task: coloured shapes on a grid, questions that need the image.
 
-Each scene places 2-5 shapes in distinct cells of a 4 x 4 grid (336 px). Question types stress
+Each scene places 2-4 shapes in distinct cells of a 4 x 4 grid (336 px). Question types stress
 different visual information:
   colour    "what color is the circle?"            -> "red"
   shape     "what shape is the blue object?"       -> "square"
@@ -46,7 +46,7 @@ class Example:
     type: str
 
 
-def _draw(objs: list[Obj]) -> Image.Image:
+def render(objs: list[Obj]) -> Image.Image:
     img = Image.new("RGB", (SIZE, SIZE), (235, 235, 235))
     d, cell = ImageDraw.Draw(img), SIZE // GRID
     for o in objs:
@@ -104,7 +104,7 @@ def examples(seed: int, n: int) -> list[Example]:
         objs = scene(rng)
         kind = TYPES[i % len(TYPES)]
         q, a = question(objs, kind, rng)
-        out.append(Example(_draw(objs), q, a, kind))
+        out.append(Example(render(objs), q, a, kind))
     return out
 
 

@@ -13,6 +13,7 @@ from vtc.export import build as build_mod
 from vtc.export import sweep as sw
 from vtc.export.cli import main
 from vtc.runtime import manifest as mf
+from vtc.runtime import synthetic_vqa as sv
 
 SETTINGS = ["--runs", "2", "--warmup", "1", "--max-new-tokens", "4", "--fidelity-tokens", "12", "--max-seq-len", "256",
             "--text-budget", "48"]
@@ -123,3 +124,35 @@ def test_sweep_plan_with_kv_caches(tmp_path):
     assert [v.name for v in sw.plan_variants(args)] == ["none-r1", "pool-r0.25", "none-r1-kvint8", "pool-r0.25-kvint8"]
     with pytest.raises(sw.UsageError, match="not a KV cache type"):
         sw.plan_variants(sweep_args(Path("m"), tmp_path, kv_caches=("int4",)))
+
+
+def test_sweep_accuracy_columns_and_table(tmp_path, tiny_checkpoints, capsys):
+    """--eval N scores every variant on the synthetic task; accuracy.md covers every scored variant in the
+    directory (a second sweep with other methods/KV dtypes adds rows); bad --eval values fail first."""
+    model, out = tiny_checkpoints["mha-default"], tmp_path / "sweep"
+    first = sw.sweep(sweep_args(model, out, methods=("pool",), ratios=(1.0, 0.25), eval_n=6))
+    for r in first.rows:
+        assert r["eval_examples"] == 6 and 0.0 <= r["accuracy"] <= 1.0
+        assert {k for k in r if k.startswith("acc_")} == {f"acc_{t}" for t in sv.TYPES}  # 6 questions: one per type
+    second = sw.sweep(sweep_args(model, out, methods=("cls-attn",), ratios=(1.0, 0.5), eval_n=6))
+    assert [r["variant"] for r in second.rows] == ["none-r1", "cls-attn-r0.5"]
+    sw.write_outputs(second)
+    table = (out / "accuracy.md").read_text().splitlines()
+    assert table[0].startswith("Accuracy % on 6 questions (synthetic, seed 1)")
+    body = [line for line in table if line.startswith("| ") and not line.startswith("| method")]
+    assert [line.split(" | ")[:2] for line in body] == [["| none", "1"], ["| cls-attn", "0.5"], ["| pool", "0.25"]]
+    # the same --eval is part of the sweep's settings: changing it needs --force
+    with pytest.raises(sw.UsageError, match="eval_n 6 -> 12"):
+        sw.sweep(sweep_args(model, out, methods=("pool",), ratios=(0.25,), eval_n=12))
+
+    assert main(["sweep", "--methods", "pool", "--eval", "-1", "--output", str(tmp_path / "s")]) == 2
+    assert "--eval -1" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_sweep_methods_all_expands_to_every_compression_method(tmp_path):
+    from vtc.export import methods
+    from vtc.export.cli import _parser
+    from vtc.export.profile_cmd import sweep_args as parse
+
+    ns = _parser().parse_args(["sweep", "--methods", "all", "--output", str(tmp_path)])
+    assert parse(ns).methods == tuple(m for m in methods.names() if m != "none")
