@@ -59,7 +59,7 @@ def _add_build(sub) -> None:
     from vtc.export.build import DEFAULT_MAX_SEQ_LEN, DEFAULT_TEXT_BUDGET
 
     b = _sub(sub, "build", "export a checkpoint with a compression method to a validated ONNX artifact", """
-          vtc-export build --ratio 0.25                       # built-in demo model (random weights)
+          vtc-export build --ratio 0.25                       # built-in demo model (trained on synthetic shapes)
           vtc-export build --model ./llava-1.5-7b-hf --method cls-attn --ratio 0.25 --output out/llava-cls
           vtc-export build --model ./llava-1.5-7b-hf --ratio 1.0   # uncompressed baseline
           vtc-export build --method pool --method-opt window=3  # explicit 3x3 pooling window

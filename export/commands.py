@@ -75,8 +75,12 @@ def cmd_build(args, parse_options) -> int:
     if built.lint is not None:
         trt_cmd.print_lint(out, built.lint)
     if built.demo:
+        from vtc.export.demo import DEMO_QUESTION
+
         out.print(f"[yellow]{DEMO_NOTICE}.[/]")
-    out.print(f"next: vtc-export run {built.path} --image IMG --prompt \"...\"")
+        out.print(f"next: vtc-export run {built.path} --image examples/shapes.png --prompt \"{DEMO_QUESTION}\"")
+    else:
+        out.print(f"next: vtc-export run {built.path} --image IMG --prompt \"...\"")
     return 0
 
 
@@ -113,7 +117,8 @@ def cmd_run(args, _parse_options) -> int:
               f"({c.method}); TTFT {t['ttft']:.1f} ms (vision {t['vision']:.1f}, prefill {t['prefill']:.1f}); "
               f"decode {t['decode_per_token']:.2f} ms/token[/]")
     if vlm.manifest.model.demo:
-        err.print("[yellow]demo model: random weights, the text above is meaningless.[/]")
+        err.print("[dim]demo model: it knows only synthetic coloured shapes (colour, shape, presence, position, count, "
+                  "left/above questions).[/]")
     return 0
 
 
@@ -163,8 +168,6 @@ def cmd_eval(args, _parse_options) -> int:
         err.print(f"[yellow]skipped line {p['line']}:[/] {p['message']}")
     if report["skipped"]:
         err.print(f"{report['skipped']} line(s) skipped")
-    if vlm.manifest.model.demo:
-        err.print("[yellow]demo model: random weights, its answers are meaningless (expect ~0% accuracy).[/]")
     return 0
 
 

@@ -1,22 +1,26 @@
-"""The built-in demo model: a LLaVA-architecture checkpoint with RANDOM weights (its text is meaningless).
+"""The built-in demo model: a small LLaVA trained on vtc's synthetic visual-QA task, shipped with vtc.
 
-It is a normal HF checkpoint (config.json, model.safetensors, tokenizer, preprocessor config, chat
-template) written deterministically from a seed into the user cache on first use, so the default
-`vtc-export build` needs no download. Shapes are LLaVA-1.5's where they matter for compression
-(336 px, 14 px patches -> 24x24 = 576 visual tokens, feature layer -2, "default" strategy); widths
-and depths are small so the whole pipeline runs in seconds on a laptop CPU.
+It is a normal HF checkpoint (config.json, model.safetensors, word-level tokenizer, chat template,
+preprocessor config, model card) committed under export/data/demo-model and installed as package data,
+so the default `vtc-export build` needs no download and no training. `make train-demo`
+(tools/train_demo.py) retrains it from scratch; its model card records the command, seed and metrics.
+
+Shapes that matter for compression: 128 px images, 8 px patches -> 16 x 16 = 256 visual tokens (CLIP
+"default" strategy, last encoder layer); each cell of the task's 4 x 4 grid is 4 x 4 patches.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-DEMO_VERSION = 1
-DEMO_NOTICE = "demo model: random weights, its text is meaningless (it exercises the pipeline, not accuracy)"
+from vtc.runtime.errors import ModelError
+
+DEMO_VERSION = 2
+DEMO_NOTICE = ("demo model: a 2.6M-parameter LLaVA trained on synthetic coloured shapes (it answers questions "
+               "about colour, shape, presence, position, count and left/above relations, nothing else)")
+DEMO_QUESTION = "what color is the circle?"  # about examples/shapes.png (answer: red)
 
 CHAT_TEMPLATE_NOTE = "LLaVA-1.5 conversation format: 'USER: <image>\\n{question} ASSISTANT:'"
 
@@ -26,35 +30,26 @@ def cache_root() -> Path:
 
 
 def demo_dir() -> Path:
-    return cache_root() / f"demo-llava-v{DEMO_VERSION}"
+    """The committed checkpoint (package data); VTC_DEMO_MODEL points elsewhere (e.g. a fresh `make train-demo`)."""
+    return Path(os.environ.get("VTC_DEMO_MODEL") or Path(__file__).parent / "data" / "demo-model")
 
 
 def ensure_demo_checkpoint(progress=None) -> Path:
-    """Path of the demo checkpoint, writing it (atomically) if it is not there yet."""
+    """Path of the demo checkpoint; a clear error if the package was installed without it."""
     target = demo_dir()
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
-    try:
-        write_demo_checkpoint(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not ((target / "model.safetensors").is_file() and (target / "config.json").is_file()):
+        raise ModelError(f"The built-in demo model is missing from {target}.",
+                         "Reinstall vtc from a full checkout (the weights are package data), run `make train-demo`, "
+                         "or pass --model DIR.")
     return target
 
 
-def write_demo_checkpoint(out: Path, seed: int = 0) -> None:
-    from vtc.export.random_llava import RandomLlavaSpec, write_random_llava
-
-    spec = RandomLlavaSpec(image_size=336, vision_hidden=128, vision_layers=3, vision_heads=4, hidden=256, layers=4,
-                           heads=8, kv_heads=4, intermediate=688)
-    write_random_llava(out, spec, seed)
-    (out / "README.md").write_text(f"# vtc demo model (v{DEMO_VERSION})\n\n{DEMO_NOTICE}.\n\n"
-                                   f"Seed {seed}; {CHAT_TEMPLATE_NOTE}; written by vtc.export.demo.\n")
-    (out / "vtc_demo.json").write_text(json.dumps({"demo": True, "version": DEMO_VERSION, "seed": seed}) + "\n")
+def demo_info(checkpoint_dir: Path) -> dict:
+    """vtc_demo.json: training command, seed and metrics ({} for a checkpoint that is not the demo)."""
+    try:
+        return json.loads((Path(checkpoint_dir) / "vtc_demo.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def is_demo(checkpoint_dir: Path) -> bool:

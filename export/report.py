@@ -11,7 +11,7 @@ def _mib(n: int) -> str:
 
 def print_manifest(console, m) -> None:
     c, t, kv = m.compression, m.text, m.kv_cache
-    console.print(f"[bold]{m.model.architecture}[/] from {m.model.source}" + ("  [yellow](demo: random weights)[/]" if m.model.demo else ""))
+    console.print(f"[bold]{m.model.architecture}[/] from {m.model.source}" + ("  [yellow](built-in demo model)[/]" if m.model.demo else ""))
     console.print(f"compression: {c.method} ratio {c.ratio:g} -> {c.k_visual} of {c.n_visual} visual tokens "
                   f"(grid {c.grid[0]}x{c.grid[1]}) options {c.options}")
     console.print(f"text budget {t.budget} tokens, max sequence {t.max_seq_len}; KV cache {kv.dtype}: "

@@ -78,23 +78,31 @@ def _where(o: Obj) -> str:
 
 
 def question(objs: list[Obj], kind: str, rng: random.Random) -> tuple[str, str]:
+    """(question, answer) of type `kind` about the scene `objs`."""
+    q, a, _ = question_refs(objs, kind, rng)
+    return q, a
+
+
+def question_refs(objs: list[Obj], kind: str, rng: random.Random) -> tuple[str, str, tuple]:
+    """(question, answer, the objects it names: (first, second?) for a relation, every object for a count,
+    the matching object or none for presence)."""
     o = rng.choice(objs)
     if kind == "colour":
-        return f"what color is the {o.shape}?", o.color
+        return f"what color is the {o.shape}?", o.color, (o,)
     if kind == "shape":
-        return f"what shape is the {o.color} object?", o.shape
+        return f"what shape is the {o.color} object?", o.shape, (o,)
     if kind == "presence":
         shape, color = (o.shape, o.color) if rng.random() < 0.5 else (rng.choice(SHAPES), rng.choice(list(COLORS)))
-        present = any(x.shape == shape and x.color == color for x in objs)
-        return f"is there a {color} {shape}?", "yes" if present else "no"
+        match = tuple(x for x in objs if x.shape == shape and x.color == color)
+        return f"is there a {color} {shape}?", "yes" if match else "no", match
     if kind == "position":
-        return f"where is the {o.shape}?", _where(o)
+        return f"where is the {o.shape}?", _where(o), (o,)
     if kind == "count":
-        return "how many shapes are there?", NUMBERS[len(objs)]
+        return "how many shapes are there?", NUMBERS[len(objs)], tuple(objs)
     a, b = rng.sample(objs, 2)
     if a.col == b.col:
-        return f"is the {a.shape} above the {b.shape}?", "yes" if a.row < b.row else "no"
-    return f"is the {a.shape} left of the {b.shape}?", "yes" if a.col < b.col else "no"
+        return f"is the {a.shape} above the {b.shape}?", "yes" if a.row < b.row else "no", (a, b)
+    return f"is the {a.shape} left of the {b.shape}?", "yes" if a.col < b.col else "no", (a, b)
 
 
 def examples(seed: int, n: int) -> list[Example]:

@@ -1,4 +1,4 @@
-"""`vtc-export eval` and the synthetic visual-QA task (issue 7's evaluation half; no trained model yet)."""
+"""`vtc-export eval` and the synthetic visual-QA task (the trained demo model itself: test_demo_model.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,32 @@ def test_synthetic_is_deterministic_and_consistent():
         assert sv.question(objs, "count", rng)[1] == sv.NUMBERS[len(objs)]
         q, ans = sv.question(objs, "colour", rng)
         assert ans == next(o.color for o in objs if f"the {o.shape}?" in q)
+
+
+def test_question_refs_name_the_objects_the_answer_depends_on():
+    """question_refs (the training script's binding targets) agrees with the question text and the answer,
+    and consumes the generator exactly like question (so the held-out sets do not change)."""
+    rng = random.Random(11)
+    for _ in range(300):
+        objs = sv.scene(rng)
+        for kind in sv.TYPES:
+            state = rng.getstate()
+            q, a, refs = sv.question_refs(objs, kind, rng)
+            after = rng.getstate()
+            rng.setstate(state)
+            assert sv.question(objs, kind, rng) == (q, a) and rng.getstate() == after
+            if kind in ("colour", "position"):
+                assert len(refs) == 1 and f"the {refs[0].shape}?" in q
+                assert a == (refs[0].color if kind == "colour" else sv._where(refs[0]))
+            elif kind == "shape":
+                assert f"the {refs[0].color} object" in q and a == refs[0].shape
+            elif kind == "presence":
+                assert (a == "yes") == bool(refs) and all(f"{o.color} {o.shape}" in q for o in refs)
+            elif kind == "count":
+                assert refs == tuple(objs)
+            else:
+                first, second = refs
+                assert q.index(first.shape) < q.index(second.shape)
 
 
 @pytest.mark.parametrize("pred, answers, expected", [

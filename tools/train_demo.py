@@ -9,9 +9,9 @@ end from random initialisation on vtc.runtime.synthetic_vqa: coloured shapes on 
 types. Images are 128 px with 8 px patches, so every image gives 16 x 16 = 256 visual tokens and each grid
 cell is 4 x 4 patches (pooling at 0.11 keeps one token per cell, at 0.25 four).
 
-Every training sequence is one image with one question of each type in a random order, as a six-turn
-conversation in the checkpoint's chat template ("USER: {q} <image>\\nASSISTANT: {a}</s>USER: {q} ASSISTANT: ..."):
-six answers of supervision per image for the cost of one vision forward. Loss is on the answer tokens and their
+Every training sequence is one image followed by one question of each type in a random order, in the
+checkpoint's own LLaVA-1.5 conversation format ("USER: <image>\\n{q} ASSISTANT: {a}</s>USER: {q} ..."): six
+answers of supervision per image for the cost of one vision forward. Loss is on the answer tokens and their
 </s> only. The first turn is exactly the prompt `vtc-export run`/`eval` build, so evaluation needs nothing special.
 
 Deterministic: the scenes come from a seeded generator (training scenes from `--seed`, the held-out
@@ -41,22 +41,6 @@ VERSION = 2  # the demo model's version (vtc.export.demo.DEMO_VERSION)
 IMAGE_SIZE, PATCH = 128, 8
 IMAGE_TOKEN_ID = 4  # vtc.export.wordtok's fixed id for <image>
 EOS_ID, PAD_ID = 2, 0
-
-# LLaVA-1.5's conversation format with the question BEFORE the image in the user turn:
-# "USER: {question} <image>\nASSISTANT:". With the image first (LLaVA-1.5's own order) this small model,
-# trained from scratch, sat at 50% held-out accuracy for 600 steps: to answer "what color is the circle?"
-# the answer position must learn a question-dependent lookup over 256 image tokens. With the question
-# first, every image token can check itself against the question and the answer position only has to
-# find the tokens that matched, a question-independent lookup that is learned early (like counting).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
-    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 
 
 def vocabulary() -> list[str]:
@@ -107,18 +91,21 @@ class Encoder:
 
     def first_turn(self, question: str) -> list[int]:
         """What the runtime's chat template + tokenizer produce for one image and one question."""
-        ids = [1] + self.ids(f"USER: {question} <image>\nASSISTANT:")
+        ids = [1] + self.ids(f"USER: <image>\n{question} ASSISTANT:")
         at = ids.index(IMAGE_TOKEN_ID)
         return ids[:at] + [IMAGE_TOKEN_ID] * self.n_image + ids[at + 1:]
 
-    def conversation(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
-        ids, labels = [], []
+    def conversation(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int], list[int]]:
+        """(ids, labels, per turn: the positions that predict its answer words)."""
+        ids, labels, at = [], [], []
         for k, (q, a) in enumerate(turns):
             prompt = self.first_turn(q) if k == 0 else self.ids(f"USER: {q} ASSISTANT:")
             answer = self.ids(a) + [EOS_ID]
-            ids += prompt + answer
+            ids += prompt
+            at.append([len(ids) - 1 + j for j in range(len(answer) - 1)])  # "top left": two positions
+            ids += answer
             labels += [-100] * len(prompt) + answer
-        return ids, labels
+        return ids, labels, at
 
 
 def cell_labels(objs) -> tuple[list[int], list[int], list[int]]:
@@ -143,36 +130,65 @@ def cell_labels(objs) -> tuple[list[int], list[int], list[int]]:
     return cls_c, cls_s, cell
 
 
+def ref_patches(refs) -> list[int]:
+    """Row-major patch indices of the grid cells of the objects a question names (see question_refs)."""
+    from vtc.runtime import synthetic_vqa as sv
+
+    side, per = IMAGE_SIZE // PATCH, IMAGE_SIZE // PATCH // sv.GRID
+    cells = {(o.row, o.col) for o in refs}
+    return [r * side + c for r in range(side) for c in range(side) if (r // per, c // per) in cells]
+
+
 def scene_batch(rng: random.Random, n: int, pre, enc: Encoder):
     """n images, each with one question of every type in a random order, + per-patch auxiliary targets."""
     import numpy as np
     import torch
     from vtc.runtime import synthetic_vqa as sv
 
-    pixels, seqs, aux = [], [], []
+    pixels, seqs, aux, where = [], [], [], []
     for _ in range(n):
         objs = sv.scene(rng)
-        turns = [sv.question(objs, kind, rng) for kind in sv.TYPES]
+        turns = [sv.question_refs(objs, kind, rng) for kind in sv.TYPES]
         rng.shuffle(turns)
         pixels.append(pre(sv.render(objs)))
-        seqs.append(enc.conversation(turns))
+        seqs.append(enc.conversation([(q, a) for q, a, _ in turns]))
         aux.append(cell_labels(objs))
+        # head 0 looks at the object a question names (all of them for a count); for a relation head 0 looks
+        # at the first object and head 1 at the second, so the answer can compare where each one is
+        where.append([(ref_patches(refs[:1]), ref_patches(refs[1:])) if " left of " in q or " above " in q
+                      else (ref_patches(refs), [])
+                      for q, _, refs in turns])
     width = max(len(s[0]) for s in seqs)
     ids = torch.full((n, width), PAD_ID, dtype=torch.long)
     labels = torch.full((n, width), -100, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
-    for i, (s, lab) in enumerate(seqs):
+    looks = max(sum(map(len, at)) for _, _, at in seqs)  # answer positions per sequence
+    answer_at = torch.zeros((n, looks), dtype=torch.long)
+    refs = torch.zeros((n, looks, 2, width), dtype=torch.bool)  # per answer position and head: keys to attend
+    start = seqs[0][0].index(IMAGE_TOKEN_ID)
+    for i, (s, lab, at) in enumerate(seqs):
         ids[i, :len(s)], labels[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), torch.tensor(lab), 1
-    return torch.from_numpy(np.concatenate(pixels)), ids, mask, labels, torch.tensor(aux)  # aux [n, 3, 256]
+        slot = 0
+        for positions, heads in zip(at, where[i]):
+            for pos in positions:  # every answer word looks at the same objects
+                answer_at[i, slot] = pos
+                for h, patches in enumerate(heads):
+                    refs[i, slot, h, [start + j for j in patches]] = True
+                slot += 1
+    return (torch.from_numpy(np.concatenate(pixels)), ids, mask, labels, torch.tensor(aux),  # aux [n, 3, 256]
+            answer_at, refs)
 
 
 class AuxHead:
-    """Linear colour (7), shape (5) and grid-cell (16) classifiers on the projected visual tokens (training only)."""
+    """Training-only linear head: colour (7), shape (5) and grid-cell (16) of the projected visual tokens."""
 
     def __init__(self, hidden: int):
         import torch
 
         self.linear = torch.nn.Linear(hidden, 28)
+
+    def parameters(self):
+        return list(self.linear.named_parameters(prefix="aux"))
 
     def loss(self, feats, aux):
         import torch.nn.functional as F
@@ -183,19 +199,52 @@ class AuxHead:
                 + F.cross_entropy(logits[..., 12:].flatten(0, 1), aux[:, 2].flatten())) / 3
 
 
-def train_step(model, head: AuxHead, batch, aux_weight: float):
-    """LM loss on the answers (+ aux_weight x the per-patch loss); the tower runs once per image."""
+def attention_loss(model, states, mask, answer_at, refs, layer: int):
+    """-log(attention mass) that heads 0 and 1 of LM layer `layer` put, at each position that predicts an
+    answer word, on the patches `refs` gives them (position x head; empty ones, e.g. presence "no", head 1
+    outside a relation or padding, are left out).
+
+    Recomputed from the layer's input (`states`) with the layer's own norm, projections and rotary
+    embedding, for the answer positions only: no eager attention over the whole batch is needed.
+    """
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    lm = model.model.language_model
+    attn = lm.layers[layer].self_attn
+    x = lm.layers[layer].input_layernorm(states)
+    b, t, _ = x.shape
+    hd = attn.head_dim
+    group = attn.num_key_value_groups  # query heads per KV head
+    q = attn.q_proj(x).view(b, t, -1, hd)[:, :, :2].transpose(1, 2)  # heads 0, 1    [b, 2, t, hd]
+    k = attn.k_proj(x).view(b, t, -1, hd).transpose(1, 2)[:, [0, 1 // group]]  # their KV heads
+    cos, sin = lm.rotary_emb(x, torch.arange(t)[None].expand(b, -1))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    qa = q.gather(2, answer_at[:, None, :, None].expand(-1, 2, -1, hd))  # [b, 2, turns, hd]
+    scores = (qa @ k.transpose(2, 3)) * attn.scaling  # [b, 2, turns, t]
+    visible = (torch.arange(t)[None, None, None] <= answer_at[:, None, :, None]) & mask[:, None, None].bool()
+    logp = scores.masked_fill(~visible, float("-inf")).log_softmax(-1)
+    want = refs.transpose(1, 2)  # [b, 2, turns, t]
+    mass = torch.logsumexp(logp.masked_fill(~want, float("-inf")), -1)  # log of the mass on the named objects
+    return -mass[want.any(-1)].mean()
+
+
+def train_step(model, head: AuxHead, batch, aux_weight: float, attn_weight: float, attn_layer: int):
+    """LM loss on the answers + aux_weight x the per-patch loss + attn_weight x the attention loss; the
+    tower runs once per image."""
     import torch
 
-    pixels, ids, mask, labels, aux = batch
+    pixels, ids, mask, labels, aux, answer_at, refs = batch
     feats = model.model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
                                            vision_feature_select_strategy="default").pooler_output
     feats = torch.stack(list(feats))  # [B, 256, hidden]
     embeds = model.get_input_embeddings()(ids)
     embeds = embeds.masked_scatter((ids == IMAGE_TOKEN_ID)[..., None], feats.reshape(-1, feats.shape[-1]))
-    lm = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    out = model(inputs_embeds=embeds, attention_mask=mask, labels=labels, output_hidden_states=bool(attn_weight))
     side = head.loss(feats, aux) if aux_weight else torch.zeros(())
-    return lm + aux_weight * side, lm, side
+    look = attention_loss(model, out.hidden_states[attn_layer], mask, answer_at, refs, attn_layer) \
+        if attn_weight else torch.zeros(())
+    return out.loss + aux_weight * side + attn_weight * look, out.loss, side, look
 
 
 def evaluate(model, examples, pre, enc: Encoder, batch: int = 50) -> dict:
@@ -253,7 +302,11 @@ Tokenizer: word-level ({meta['vocab_size']} tokens). Parameters: {meta['paramete
   weight decay {args.weight_decay}, gradient clip 1.0
 - Loss: cross-entropy on the answer tokens and their `</s>`, plus {args.aux_weight} x a per-patch auxiliary loss
   (a linear head on the projected visual tokens classifies the colour and shape of the object in each
-  patch's grid cell, and the cell; it speeds up learning and is not part of this checkpoint)
+  patch's grid cell, and the cell; the head is not part of this checkpoint), plus {args.attn_weight} x an
+  attention loss: -log of the attention mass that head 0 of LM layer {args.attn_layer} puts, at every position that
+  predicts an answer word, on the patches of the objects the question names (for a relation: head 0 on
+  the first object, head 1 on the second). Both speed up learning from scratch; inference uses
+  nothing but the checkpoint.
 - Host: {meta['host']}, torch {meta['torch']}, transformers {meta['transformers']}, {args.threads} threads;
   wall time {meta['wall_s'] / 60:.1f} min
 - Final training loss (mean of the last 50 steps): {meta['final_loss']:.4f}
@@ -296,13 +349,16 @@ def main(argv=None) -> int:
     p.add_argument("--intermediate", type=int, default=512)
     p.add_argument("--aux-weight", type=float, default=0.5,
                    help="weight of the per-patch colour/shape/cell loss that speeds up learning (0 = off)")
+    p.add_argument("--attn-weight", type=float, default=0.5,
+                   help="weight of the loss that points one LM attention head at the objects a question names (0 = off)")
+    p.add_argument("--attn-layer", type=int, default=2, help="LM layer of that head (0-based)")
     p.add_argument("--log-every", type=int, default=25)
     args = p.parse_args(argv)
 
     import torch
     import transformers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
-    from vtc.export.wordtok import save_word_level_tokenizer
+    from vtc.export.wordtok import LLAVA15_CHAT_TEMPLATE, save_word_level_tokenizer
     from vtc.runtime.preprocess import ImagePreprocessor
     from vtc.runtime.synthetic_vqa import examples
 
@@ -313,12 +369,12 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        vocab_size = save_word_level_tokenizer(tmp, vocabulary(), CHAT_TEMPLATE)
+        vocab_size = save_word_level_tokenizer(tmp, vocabulary(), LLAVA15_CHAT_TEMPLATE)
         image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                              crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
         processor = LlavaProcessor(image_processor=image_processor,
                                    tokenizer=PreTrainedTokenizerFast.from_pretrained(tmp), patch_size=PATCH,
-                                   vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+                                   vision_feature_select_strategy="default", chat_template=LLAVA15_CHAT_TEMPLATE,
                                    num_additional_image_tokens=1)
         processor.save_pretrained(tmp)
         pre = ImagePreprocessor.from_dir(tmp)
@@ -330,7 +386,7 @@ def main(argv=None) -> int:
               flush=True)
 
         head = AuxHead(args.hidden)
-        named = list(model.named_parameters()) + [(f"aux.{n}", t) for n, t in head.linear.named_parameters()]
+        named = list(model.named_parameters()) + head.parameters()
         decay = [t for n, t in named if t.ndim >= 2 and "embed" not in n]
         no_decay = [t for n, t in named if not (t.ndim >= 2 and "embed" not in n)]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -344,23 +400,25 @@ def main(argv=None) -> int:
 
         held_out = examples(args.eval_seed, args.eval)
         rng = random.Random(args.seed)
-        losses, side_losses, t0 = [], [], time.perf_counter()
+        losses, side_losses, look_losses, t0 = [], [], [], time.perf_counter()
         params = [t for _, t in named]
         for step in range(args.steps):
             batch = scene_batch(rng, args.batch, pre, enc)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            loss, lm, side = train_step(model, head, batch, args.aux_weight)
+            loss, lm, side, look = train_step(model, head, batch, args.aux_weight, args.attn_weight, args.attn_layer)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             losses.append(lm.item())
             side_losses.append(side.item())
+            look_losses.append(look.item())
             if (step + 1) % args.log_every == 0 or step == 0:
                 el = time.perf_counter() - t0
                 print(f"step {step + 1:5d}/{args.steps}  answer loss {statistics.mean(losses[-args.log_every:]):.4f}  "
                       f"patch loss {statistics.mean(side_losses[-args.log_every:]):.4f}  "
+                      f"attention loss {statistics.mean(look_losses[-args.log_every:]):.4f}  "
                       f"lr {lr_at(step):.2e}  {el / 60:5.1f} min  ({el / (step + 1):.2f} s/step, "
                       f"eta {(args.steps - step - 1) * el / (step + 1) / 60:.1f} min)", flush=True)
             if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
