@@ -325,7 +325,7 @@ def _state_rows(root: Path) -> list[dict]:
 def accuracy_table(rows: list[dict], settings: dict) -> str:
     """Markdown: accuracy per question type of every scored variant in the sweep directory (earlier runs
     with other --methods/--ratios/--kv-cache included), the uncompressed model first, then by KV dtype,
-    method and falling ratio."""
+    method and falling ratio. Latency stays in sweep.csv/json (this table is about accuracy)."""
     rows = [r for r in rows if r.get("accuracy") is not None]
     if not rows:
         return ""
@@ -336,12 +336,11 @@ def accuracy_table(rows: list[dict], settings: dict) -> str:
     src = "synthetic" if settings.get("eval_dataset") == "synthetic" else settings.get("eval_dataset")
     lines = [f"Accuracy % on {rows[0]['eval_examples']} questions ({src}, seed {settings.get('eval_seed')}), greedy, "
              f"ONNX Runtime; model {Path(settings['model']).name}.", "",
-             "| method | ratio | KV | visual tokens | overall | " + " | ".join(types) + " | TTFT p50 ms |",
-             "|---|---|---|---|---|" + "---|" * len(types) + "---|"]
+             "| method | ratio | KV | visual tokens | overall | " + " | ".join(types) + " |",
+             "|---|---|---|---|---|" + "---|" * len(types)]
     for r in rows:
         cells = [r["method"], f"{r['ratio']:g}", r["kv_cache"], f"{r['k_visual']} / {r['n_visual']}",
                  f"**{100 * r['accuracy']:.1f}**"]
         cells += ["-" if r.get(f"acc_{t}") is None else f"{100 * r[f'acc_{t}']:.1f}" for t in types]
-        cells.append("-" if r.get("ttft_ms_p50") is None else f"{r['ttft_ms_p50']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
