@@ -257,12 +257,12 @@ def sweep(args: SweepArgs, step: Callable = lambda _label: contextlib.nullcontex
     variants = plan_variants(args)
     model_dir = ensure_demo_checkpoint() if args.model is None else Path(args.model).expanduser()
     root = Path(args.output) if args.output else Path("artifacts") / f"sweep-{_model_name(model_dir)}"
+    items = eval_items(args) if args.eval_n else None  # a bad --eval-dataset fails before anything is written
     root.mkdir(parents=True, exist_ok=True)
     settings = _settings(args, model_dir)
     state = load_state(root, settings, args.force)
     save_state(root, state)
     notify = on_variant or (lambda *_: None)
-    items = eval_items(args) if args.eval_n else None
     ref, built = None, {}
     for i, v in enumerate(variants):
         if not args.force and _done(state, v):

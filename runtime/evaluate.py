@@ -77,7 +77,7 @@ def _item(raw: str, n: int, root: Path) -> Item:
 def load_jsonl(path: Path, on_error: str, limit: int | None) -> tuple[list, Problems]:
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"dataset {path} does not exist.", "Pass a JSONL file, or --dataset synthetic.")
+        raise InputError(f"dataset {path} does not exist.", "Pass an existing JSONL file, or `synthetic` for the built-in task.")
     items, problems = [], Problems()
     for n, raw in enumerate(path.read_text().splitlines(), 1):
         if not raw.strip():

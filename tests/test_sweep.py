@@ -156,3 +156,10 @@ def test_sweep_methods_all_expands_to_every_compression_method(tmp_path):
 
     ns = _parser().parse_args(["sweep", "--methods", "all", "--output", str(tmp_path)])
     assert parse(ns).methods == tuple(m for m in methods.names() if m != "none")
+
+
+def test_sweep_bad_eval_dataset_fails_before_writing(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["sweep", "--methods", "pool", "--ratios", "0.5", "--eval", "5", "--eval-dataset",
+                 str(tmp_path / "missing.jsonl"), "--output", str(out)]) == 1
+    assert "missing.jsonl does not exist" in capsys.readouterr().err and not out.exists()

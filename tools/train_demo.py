@@ -354,6 +354,11 @@ def main(argv=None) -> int:
     p.add_argument("--attn-layer", type=int, default=2, help="LM layer of that head (0-based)")
     p.add_argument("--log-every", type=int, default=25)
     args = p.parse_args(argv)
+    for flag in ("steps", "batch", "eval", "threads", "layers", "hidden", "vision_layers", "vision_hidden"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
+    if not 0 <= args.attn_layer < args.layers:
+        p.error(f"--attn-layer {args.attn_layer} is not a layer of a {args.layers}-layer LM (0..{args.layers - 1})")
 
     import torch
     import transformers
