@@ -16,7 +16,7 @@ help:
 	@echo "make test    run the test suite (CPU, ONNX Runtime; TensorRT tests skip without TensorRT)"
 	@echo "make bench   TTFT and decode latency on a bench-size random LLaVA vs HF transformers, then make accuracy"
 	@echo "make accuracy  accuracy per question type x method x ratio (and KV dtype) of the demo model -> $(ACC_DIR)/accuracy.md"
-	@echo "make train-demo  retrain the demo model from scratch (CPU, about 45 min on 2 cores) into export/data/demo-model"
+	@echo "make train-demo  retrain the demo model from scratch (CPU, about 50 min on 2 cores) into export/data/demo-model"
 	@echo "make setup   create $(VENV) and install vtc with its export and test extras"
 
 $(BIN)/.vtc-installed: pyproject.toml

@@ -2,7 +2,9 @@
 
 The default set ships with the project's dependencies: the real photographs scikit-image bundles in
 its wheel (skimage/data: astronaut, coffee, chelsea, rocket, ...), read from the installed package
-directory without importing skimage. Users pass their own: --calib-images DIR (jpg/png/webp/bmp) and
+directory without importing skimage. The built-in demo model, which knows nothing but coloured shapes,
+calibrates instead on scenes and questions of its own synthetic task (`synthetic_pairs`, a seed no
+evaluation uses by default). Users pass their own: --calib-images DIR (jpg/png/webp/bmp) and
 --calib-prompts FILE.jsonl ({"prompt": "..."} per line), paired round-robin.
 """
 
@@ -46,6 +48,23 @@ def default_pairs(split: str) -> list[tuple[Path, str]]:
         return [(p, CALIB_PROMPTS[(2 * i + j) % len(CALIB_PROMPTS)]) for i, p in enumerate(photos[:cut]) for j in range(2)]
     held = photos[cut:]
     return [(p, q) for p in held for q in EVAL_PROMPTS][: max(20, len(held) * len(EVAL_PROMPTS))]
+
+
+SYNTHETIC_CALIB_SEED = 2  # vtc-export eval --dataset synthetic uses seed 1, the demo's training scenes seed 0
+
+
+def synthetic_pairs(out_dir: str | Path, n: int = 30, seed: int = SYNTHETIC_CALIB_SEED) -> list[tuple[Path, str]]:
+    """n (image, question) pairs of the synthetic visual-QA task, images written as PNG under out_dir."""
+    from vtc.runtime.synthetic_vqa import examples
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for i, ex in enumerate(examples(seed, n)):
+        path = out_dir / f"calib-{seed}-{i:03d}.png"
+        ex.image.save(path)
+        pairs.append((path, ex.question))
+    return pairs
 
 
 def user_pairs(images_dir: str | Path, prompts_file: str | Path) -> list[tuple[Path, str]]:

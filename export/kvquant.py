@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,12 +56,16 @@ def calibrate(out: Path, args, ctx: dict, lm_spec, step) -> tuple[object, list, 
     """Run the calibration set; write `out` (kv_scales.json); (stats, k_thr, v_thr, source)."""
     from vtc.calibration import dataset, kv
 
-    if args.calib_images:
-        pairs, name = dataset.user_pairs(args.calib_images, args.calib_prompts), f"user: {args.calib_images}"
-    else:
-        pairs, name = dataset.default_pairs("calib"), "default: scikit-image sample photographs"
-    with step(f"calibrating KV scales on {len(pairs)} image/prompt pairs ({args.kv_statistic}, per {args.kv_granularity})"):
-        stats = kv.collect(ctx["adapter"], ctx["model"], ctx["method"], ctx["plan"], ctx["src"], pairs)
+    with tempfile.TemporaryDirectory(prefix="vtc-calib-") as scratch:
+        if args.calib_images:
+            pairs, name = dataset.user_pairs(args.calib_images, args.calib_prompts), f"user: {args.calib_images}"
+        elif ctx["demo"]:  # the demo model has only ever seen shapes on a grid: calibrate on its own task
+            pairs = dataset.synthetic_pairs(scratch)
+            name = f"default for the demo model: synthetic task scenes (seed {dataset.SYNTHETIC_CALIB_SEED})"
+        else:
+            pairs, name = dataset.default_pairs("calib"), "default: scikit-image sample photographs"
+        with step(f"calibrating KV scales on {len(pairs)} image/prompt pairs ({args.kv_statistic}, per {args.kv_granularity})"):
+            stats = kv.collect(ctx["adapter"], ctx["model"], ctx["method"], ctx["plan"], ctx["src"], pairs)
     k_thr, v_thr = kv.thresholds(stats, args.kv_statistic, args.kv_granularity)
     model, comp = expectations(ctx, lm_spec)
     kv.write(out, stats, k_thr, v_thr, {"model": model, "compression": comp, "statistic": args.kv_statistic,

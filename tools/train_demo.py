@@ -1,4 +1,4 @@
-"""Train vtc's built-in demo model from scratch on the synthetic visual-QA task (CPU, about 45 minutes on 2 cores).
+"""Train vtc's built-in demo model from scratch on the synthetic visual-QA task (CPU, about 50 minutes on 2 cores).
 
     python tools/train_demo.py --out export/data/demo-model            # what `make train-demo` runs
     python tools/train_demo.py --out /tmp/demo --steps 200 --eval 120  # a quick look at the learning curve
@@ -9,10 +9,12 @@ end from random initialisation on vtc.runtime.synthetic_vqa: coloured shapes on 
 types. Images are 128 px with 8 px patches, so every image gives 16 x 16 = 256 visual tokens and each grid
 cell is 4 x 4 patches (pooling at 0.11 keeps one token per cell, at 0.25 four).
 
-Every training sequence is one image followed by one question of each type in a random order, in the
-checkpoint's own LLaVA-1.5 conversation format ("USER: <image>\\n{q} ASSISTANT: {a}</s>USER: {q} ..."): six
-answers of supervision per image for the cost of one vision forward. Loss is on the answer tokens and their
-</s> only. The first turn is exactly the prompt `vtc-export run`/`eval` build, so evaluation needs nothing special.
+Every training sequence is one image and one question of each type in a random order, packed: the image
+prefix of the checkpoint's LLaVA-1.5 prompt ("<s> USER: <image>") once, then six turns "{q} ASSISTANT: {a}</s>",
+each with position ids restarting after the image and an attention mask that lets it see only the image and
+itself. Every turn is therefore exactly the single-question prompt `vtc-export run`/`eval` build, six answers
+of supervision cost one vision forward, and no turn can copy its answer from another turn's text. Loss is on
+the answer tokens and their </s> only.
 
 Deterministic: the scenes come from a seeded generator (training scenes from `--seed`, the held-out
 questions from a different stream, `--eval-seed`), torch is seeded and runs with a fixed thread count.
@@ -95,17 +97,49 @@ class Encoder:
         at = ids.index(IMAGE_TOKEN_ID)
         return ids[:at] + [IMAGE_TOKEN_ID] * self.n_image + ids[at + 1:]
 
-    def conversation(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int], list[int]]:
-        """(ids, labels, per turn: the positions that predict its answer words)."""
-        ids, labels, at = [], [], []
+    def packed(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int], list[int], list[int], list[list[int]]]:
+        """One image and several independent questions about it, packed into one sequence.
+
+        The image prefix ("<s> USER: <image>...") comes once; each turn is the rest of its own first-turn prompt,
+        the answer and </s>, with position ids that restart right after the image, and sees only the prefix and
+        itself (`block_mask`). So every turn is exactly the single-question prompt `vtc-export run`/`eval`
+        build, and no turn can read its answer off another's text (in a plain multi-turn conversation the
+        shape answer is often in an earlier turn: "is there a blue square? yes").
+
+        Returns (ids, labels, position ids, turn index per token (-1 = the shared prefix), per turn: the
+        positions that predict its answer words).
+        """
+        prefix = None
+        ids, labels, pos, turn, at = [], [], [], [], []
         for k, (q, a) in enumerate(turns):
-            prompt = self.first_turn(q) if k == 0 else self.ids(f"USER: {q} ASSISTANT:")
+            prompt = self.first_turn(q)
+            cut = prompt.index(IMAGE_TOKEN_ID) + self.n_image
+            if prefix is None:
+                prefix = prompt[:cut]
+                ids, labels, pos, turn = list(prefix), [-100] * cut, list(range(cut)), [-1] * cut
+            elif prompt[:cut] != prefix:
+                raise SystemExit("train_demo: prompts do not share the image prefix (a vtc bug).")
             answer = self.ids(a) + [EOS_ID]
-            ids += prompt
-            at.append([len(ids) - 1 + j for j in range(len(answer) - 1)])  # "top left": two positions
-            ids += answer
-            labels += [-100] * len(prompt) + answer
-        return ids, labels, at
+            body = prompt[cut:] + answer
+            start = len(ids)
+            at.append([start + len(prompt) - cut - 1 + j for j in range(len(answer) - 1)])  # "top left": two
+            ids += body
+            labels += [-100] * (len(prompt) - cut) + answer
+            pos += range(cut, cut + len(body))
+            turn += [k] * len(body)
+        return ids, labels, pos, turn, at
+
+
+def block_mask(turn, valid):
+    """[B, 1, T, T] boolean attention mask (True = may attend) for packed sequences: causal, a turn sees the
+    shared image prefix and itself; padding sees only itself (so no softmax row is empty)."""
+    import torch
+
+    t = turn.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    same = (turn[:, :, None] == turn[:, None, :]) | (turn[:, None, :] == -1)
+    allowed = causal & same & valid[:, None, :].bool() & valid[:, :, None].bool()
+    return (allowed | torch.eye(t, dtype=torch.bool))[:, None]
 
 
 def cell_labels(objs) -> tuple[list[int], list[int], list[int]]:
@@ -151,7 +185,7 @@ def scene_batch(rng: random.Random, n: int, pre, enc: Encoder):
         turns = [sv.question_refs(objs, kind, rng) for kind in sv.TYPES]
         rng.shuffle(turns)
         pixels.append(pre(sv.render(objs)))
-        seqs.append(enc.conversation([(q, a) for q, a, _ in turns]))
+        seqs.append(enc.packed([(q, a) for q, a, _ in turns]))
         aux.append(cell_labels(objs))
         # head 0 looks at the object a question names (all of them for a count); for a relation head 0 looks
         # at the first object and head 1 at the second, so the answer can compare where each one is
@@ -161,22 +195,25 @@ def scene_batch(rng: random.Random, n: int, pre, enc: Encoder):
     width = max(len(s[0]) for s in seqs)
     ids = torch.full((n, width), PAD_ID, dtype=torch.long)
     labels = torch.full((n, width), -100, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    looks = max(sum(map(len, at)) for _, _, at in seqs)  # answer positions per sequence
+    valid = torch.zeros((n, width), dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    turn = torch.full((n, width), -2, dtype=torch.long)  # -2: padding
+    looks = max(sum(map(len, s[4])) for s in seqs)  # answer positions per sequence
     answer_at = torch.zeros((n, looks), dtype=torch.long)
     refs = torch.zeros((n, looks, 2, width), dtype=torch.bool)  # per answer position and head: keys to attend
     start = seqs[0][0].index(IMAGE_TOKEN_ID)
-    for i, (s, lab, at) in enumerate(seqs):
-        ids[i, :len(s)], labels[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), torch.tensor(lab), 1
+    for i, (s, lab, pos, grp, at) in enumerate(seqs):
+        ids[i, :len(s)], labels[i, :len(s)], valid[i, :len(s)] = torch.tensor(s), torch.tensor(lab), 1
+        positions[i, :len(s)], turn[i, :len(s)] = torch.tensor(pos), torch.tensor(grp)
         slot = 0
-        for positions, heads in zip(at, where[i]):
-            for pos in positions:  # every answer word looks at the same objects
-                answer_at[i, slot] = pos
+        for predict, heads in zip(at, where[i]):
+            for j in predict:  # every answer word looks at the same objects
+                answer_at[i, slot] = j
                 for h, patches in enumerate(heads):
-                    refs[i, slot, h, [start + j for j in patches]] = True
+                    refs[i, slot, h, [start + k for k in patches]] = True
                 slot += 1
-    return (torch.from_numpy(np.concatenate(pixels)), ids, mask, labels, torch.tensor(aux),  # aux [n, 3, 256]
-            answer_at, refs)
+    return (torch.from_numpy(np.concatenate(pixels)), ids, block_mask(turn, valid), positions, labels,
+            torch.tensor(aux), answer_at, refs)  # aux [n, 3, 256]
 
 
 class AuxHead:
@@ -199,7 +236,7 @@ class AuxHead:
                 + F.cross_entropy(logits[..., 12:].flatten(0, 1), aux[:, 2].flatten())) / 3
 
 
-def attention_loss(model, states, mask, answer_at, refs, layer: int):
+def attention_loss(model, states, mask, positions, answer_at, refs, layer: int):
     """-log(attention mass) that heads 0 and 1 of LM layer `layer` put, at each position that predicts an
     answer word, on the patches `refs` gives them (position x head; empty ones, e.g. presence "no", head 1
     outside a relation or padding, are left out).
@@ -218,33 +255,35 @@ def attention_loss(model, states, mask, answer_at, refs, layer: int):
     group = attn.num_key_value_groups  # query heads per KV head
     q = attn.q_proj(x).view(b, t, -1, hd)[:, :, :2].transpose(1, 2)  # heads 0, 1    [b, 2, t, hd]
     k = attn.k_proj(x).view(b, t, -1, hd).transpose(1, 2)[:, [0, 1 // group]]  # their KV heads
-    cos, sin = lm.rotary_emb(x, torch.arange(t)[None].expand(b, -1))
+    cos, sin = lm.rotary_emb(x, positions)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     qa = q.gather(2, answer_at[:, None, :, None].expand(-1, 2, -1, hd))  # [b, 2, turns, hd]
     scores = (qa @ k.transpose(2, 3)) * attn.scaling  # [b, 2, turns, t]
-    visible = (torch.arange(t)[None, None, None] <= answer_at[:, None, :, None]) & mask[:, None, None].bool()
+    visible = mask[:, 0].gather(1, answer_at[..., None].expand(-1, -1, t))[:, None]  # the rows the model used
     logp = scores.masked_fill(~visible, float("-inf")).log_softmax(-1)
     want = refs.transpose(1, 2)  # [b, 2, turns, t]
     mass = torch.logsumexp(logp.masked_fill(~want, float("-inf")), -1)  # log of the mass on the named objects
     return -mass[want.any(-1)].mean()
 
 
-def train_step(model, head: AuxHead, batch, aux_weight: float, attn_weight: float, attn_layer: int):
-    """LM loss on the answers + aux_weight x the per-patch loss + attn_weight x the attention loss; the
-    tower runs once per image."""
+def train_step(model, head: AuxHead, batch, args):
+    """The answer loss + aux_weight x the per-patch loss + attn_weight x the attention loss; the tower runs
+    once per image. Returns (total, answer, per-patch, attention)."""
     import torch
 
-    pixels, ids, mask, labels, aux, answer_at, refs = batch
+    pixels, ids, mask, positions, labels, aux, answer_at, refs = batch
     feats = model.model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
                                            vision_feature_select_strategy="default").pooler_output
     feats = torch.stack(list(feats))  # [B, 256, hidden]
     embeds = model.get_input_embeddings()(ids)
     embeds = embeds.masked_scatter((ids == IMAGE_TOKEN_ID)[..., None], feats.reshape(-1, feats.shape[-1]))
-    out = model(inputs_embeds=embeds, attention_mask=mask, labels=labels, output_hidden_states=bool(attn_weight))
-    side = head.loss(feats, aux) if aux_weight else torch.zeros(())
-    look = attention_loss(model, out.hidden_states[attn_layer], mask, answer_at, refs, attn_layer) \
-        if attn_weight else torch.zeros(())
-    return out.loss + aux_weight * side + attn_weight * look, out.loss, side, look
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels,
+                output_hidden_states=bool(args.attn_weight))
+    zero = torch.zeros(())
+    side = head.loss(feats, aux) if args.aux_weight else zero
+    look = attention_loss(model, out.hidden_states[args.attn_layer], mask, positions, answer_at, refs,
+                          args.attn_layer) if args.attn_weight else zero
+    return out.loss + args.aux_weight * side + args.attn_weight * look, out.loss, side, look
 
 
 def evaluate(model, examples, pre, enc: Encoder, batch: int = 50) -> dict:
@@ -298,7 +337,8 @@ Tokenizer: word-level ({meta['vocab_size']} tokens). Parameters: {meta['paramete
 - Command: `{meta['command']}`
 - Seed {args.seed} (training scenes), held-out questions from seed {args.eval_seed}
 - {args.steps} steps x {args.batch} images, one question of each type per image ({args.steps * args.batch:,}
-  images, {6 * args.steps * args.batch:,} question/answer pairs); AdamW lr {args.lr} (warm-up {args.warmup}, cosine),
+  images, {6 * args.steps * args.batch:,} question/answer pairs, packed so that each question sees only the image
+  and itself, in exactly the single-question prompt format of inference); AdamW lr {args.lr} (warm-up {args.warmup}, cosine),
   weight decay {args.weight_decay}, gradient clip 1.0
 - Loss: cross-entropy on the answer tokens and their `</s>`, plus {args.aux_weight} x a per-patch auxiliary loss
   (a linear head on the projected visual tokens classifies the colour and shape of the object in each
@@ -330,7 +370,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="checkpoint directory to write (replaced when complete)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-seed", type=int, default=1, help="held-out questions (vtc-export eval's default seed)")
-    p.add_argument("--steps", type=int, default=1600)
+    p.add_argument("--steps", type=int, default=1800)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=150)
@@ -411,7 +451,7 @@ def main(argv=None) -> int:
             batch = scene_batch(rng, args.batch, pre, enc)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            loss, lm, side, look = train_step(model, head, batch, args.aux_weight, args.attn_weight, args.attn_layer)
+            loss, lm, side, look = train_step(model, head, batch, args)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
