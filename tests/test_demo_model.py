@@ -100,3 +100,18 @@ def test_demo_kv_scales_come_from_its_own_task(tmp_path):
                        lambda _label: nullcontext())
     info = json.loads(out.read_text())
     assert "synthetic task scenes" in info["calibration"]["set"], info["calibration"]
+
+
+def test_make_demo_artifact_answers_the_bundled_question(tmp_path):
+    """`make demo` builds FastV at 0.25 (the method that keeps this model's answers best at 0.25) and asks
+    DEMO_QUESTION about examples/shapes.png: the answer must be right."""
+    from vtc.export.build import BuildArgs, build
+    from vtc.runtime.pipeline import VLM
+    from vtc.runtime.preprocess import load_image
+
+    makefile = (REPO / "Makefile").read_text()
+    assert "build --method fastv --ratio 0.25" in makefile and DEMO_QUESTION in makefile
+    built = build(BuildArgs(model=None, method="fastv", ratio=0.25, output=str(tmp_path / "art")),
+                  lambda _label: nullcontext())
+    assert built.manifest.parity["ok"]
+    assert VLM(built.path).generate(load_image(SHAPES), DEMO_QUESTION, max_new_tokens=4).text.strip() == "red"
