@@ -22,8 +22,6 @@ DEMO_NOTICE = ("demo model: a 2.6M-parameter LLaVA trained on synthetic coloured
                "about colour, shape, presence, position, count and left/above relations, nothing else)")
 DEMO_QUESTION = "what color is the circle?"  # about examples/shapes.png (answer: red)
 
-CHAT_TEMPLATE_NOTE = "LLaVA-1.5 conversation format: 'USER: <image>\\n{question} ASSISTANT:'"
-
 
 def cache_root() -> Path:
     return Path(os.environ.get("VTC_CACHE", Path.home() / ".cache" / "vtc"))

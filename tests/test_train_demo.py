@@ -88,8 +88,22 @@ def test_packed_logits_equal_single_question_logits(td, enc):
 
 
 def test_bad_arguments_exit_2_and_write_nothing(td, tmp_path):
-    for argv in (["--steps", "0"], ["--attn-layer", "9"]):
+    for argv in (["--steps", "0"], ["--attn-layer", "9"], ["--log-every", "0"], ["--lr", "0"]):
         with pytest.raises(SystemExit) as e:
             td.main(["--out", str(tmp_path / "m"), *argv])
         assert e.value.code == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_out_that_is_not_a_demo_checkpoint_is_never_replaced(td, tmp_path, capsys):
+    mine = tmp_path / "my-project"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    afile = tmp_path / "a-file"
+    afile.write_text("keep me too")
+    for out in (mine, afile):
+        with pytest.raises(SystemExit) as e:
+            td.main(["--out", str(out)])
+        assert e.value.code == 2 and "is not a vtc demo checkpoint" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep me" and afile.read_text() == "keep me too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "my-project"]

@@ -394,9 +394,17 @@ def main(argv=None) -> int:
     p.add_argument("--attn-layer", type=int, default=2, help="LM layer of that head (0-based)")
     p.add_argument("--log-every", type=int, default=25)
     args = p.parse_args(argv)
-    for flag in ("steps", "batch", "eval", "threads", "layers", "hidden", "vision_layers", "vision_hidden"):
+    for flag in ("steps", "batch", "eval", "eval_every_n", "log_every", "threads", "layers", "hidden", "vision_layers",
+                 "vision_hidden"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
+    if args.eval_every < 0 or args.warmup < 0 or args.lr <= 0:
+        p.error("--eval-every and --warmup must be >= 0 and --lr > 0")
+    target = Path(args.out)
+    if target.exists() and not (target.is_dir() and (target / "vtc_demo.json").is_file()):
+        # the finished checkpoint replaces --out: never delete something that is not a previous demo checkpoint
+        p.error(f"--out {target} exists and is not a vtc demo checkpoint (no vtc_demo.json); pass a new directory "
+                "or remove it first")
     if not 0 <= args.attn_layer < args.layers:
         p.error(f"--attn-layer {args.attn_layer} is not a layer of a {args.layers}-layer LM (0..{args.layers - 1})")
 
