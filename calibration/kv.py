@@ -54,7 +54,7 @@ def collect(adapter, model, method, plan, src: Path, pairs: list, new_tokens: in
 
     if not pairs:
         raise UsageError("the calibration set is empty.", "Pass --calib-images DIR and --calib-prompts FILE with data.")
-    pre, text = ImagePreprocessor.from_dir(src), TextProcessor.from_dir(src)
+    pre, text = ImagePreprocessor.from_dir(src), TextProcessor.from_dir(src, tokenizer_as_is=adapter.tokenizer_as_is)
     stats, rng = KVStats(), np.random.default_rng(0)
     for n, (image, prompt) in enumerate(pairs):
         pixels = torch.from_numpy(pre(load_image(image)))

@@ -1,4 +1,4 @@
-"""Reuse exported graphs between the builds of a sweep (`reuse_exports`).
+"""Reuse exported graphs between the builds of a sweep (`Cached`, passed to the build as `cache`).
 
 Why: the LLM graph does not depend on the compression budget. `llm.onnx` has symbolic `seq` and
 `past_seq` dims (K only changes the prefill profile range, which lives in the manifest, not in the
@@ -6,10 +6,10 @@ file), so every vision-side variant of one checkpoint exports the same graph; in
 work layer export the same `llm_pre`/`llm_post` segments; and in-LLM variants all export the
 uncompressed vision graph. Tracing the LLM is about 40% of a demo build.
 
-How: while the context is active, `onnx_export.export_llm` (and `export_vision` for the `none`
-method) first look in the cache, keyed by everything the traced file depends on (a sha256 of the
+How: `Cached(loader, cache_dir)` wraps an export loader (vtc.export.onnx_export.GraphLoader) and first
+looks in the cache, keyed by everything the traced file depends on (the loader's `cache_key`: (a sha256 of the
 segment's weights and buffers, its layers and head, KV heads and width, KV storage dtypes and scales,
-torch and vtc versions; the vision graph: the checkpoint's files, by path, size and mtime). A hit hard-links the cached files into the build directory (a copy where links are not
+torch and vtc versions; the uncompressed vision graph: the checkpoint's files, by path, size and mtime)). A hit hard-links the cached files into the build directory (a copy where links are not
 possible) and reads the graph spec back from them; a miss exports as usual and links the result into
 the cache. The build itself is unchanged: the manifest's checksums are computed from the linked files
 (identical bytes), and parity against PyTorch still checks every artifact. Anything the key cannot
@@ -18,7 +18,6 @@ be computed for is exported normally.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -82,8 +81,8 @@ def _tensors_digest_of(t) -> str:
 
 
 def vision_key(graph, image_size: int, filename: str) -> str | None:
-    """Only the uncompressed (`none`) vision graph is shared (in-LLM methods all export it)."""
-    if getattr(graph.method, "name", None) != "none":
+    """Only the uncompressed vision graph is shared (in-LLM methods all export it)."""
+    if graph.method.compresses:
         return None
     ident = _model_identity(graph.model)
     if ident is None:
@@ -103,51 +102,40 @@ def _outputs(path: Path) -> list[Path]:
     return sorted(p for p in path.parent.iterdir() if p.name == path.name or p.name == path.name + ".data")
 
 
-def cached(cache: Path, key: str | None, path: Path, export, profiles):
-    """Link a cached export into place, or export and add it to the cache; returns the GraphSpec."""
-    from vtc.export.onnx_export import graph_spec
+class Cached:
+    """A loader wrapper: link a cached export into place, or export and add it to the cache."""
 
-    if key is None:
-        return export()
-    entry = cache / key
-    if (entry / DONE).is_file():
-        for f in sorted(entry.iterdir()):
-            if f.name != DONE:
-                _link(f, path.parent / f.name)
-        return graph_spec(path, profiles)
-    spec = export()
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache))
-    try:
-        for f in _outputs(path):
-            _link(f, tmp / f.name)
-        (tmp / DONE).write_text("")
-        if entry.exists():  # filled meanwhile by another build
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, entry)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return spec
+    def __init__(self, loader, cache: Path):
+        self.loader, self.cache = loader, Path(cache)
+        self.label = loader.label
 
+    def __call__(self, path: Path):
+        from vtc.export.onnx_export import graph_spec
 
-@contextlib.contextmanager
-def reuse_exports(cache: Path):
-    """Within the block, `onnx_export.export_llm` / `export_vision` reuse earlier exports (module docstring)."""
-    from vtc.export import onnx_export
+        path = Path(path)
+        key = self.loader.cache_key(path.name)
+        if key is None:
+            return self.loader(path)
+        entry = self.cache / key
+        if (entry / DONE).is_file():
+            for f in sorted(entry.iterdir()):
+                if f.name != DONE:
+                    _link(f, path.parent / f.name)
+            return graph_spec(path, self.loader.profiles)
+        spec = self.loader(path)
+        self._store(entry, key, path)
+        return spec
 
-    orig_llm, orig_vision = onnx_export.export_llm, onnx_export.export_vision
-
-    def export_llm(lm, num_kv_heads, hidden, path, profiles):
-        key = llm_key(lm, num_kv_heads, hidden, Path(path).name)
-        return cached(cache, key, Path(path), lambda: orig_llm(lm, num_kv_heads, hidden, path, profiles), profiles)
-
-    def export_vision(graph, image_size, path):
-        key = vision_key(graph, image_size, Path(path).name)
-        return cached(cache, key, Path(path), lambda: orig_vision(graph, image_size, path), {"static": {}})
-
-    onnx_export.export_llm, onnx_export.export_vision = export_llm, export_vision
-    try:
-        yield
-    finally:
-        onnx_export.export_llm, onnx_export.export_vision = orig_llm, orig_vision
+    def _store(self, entry: Path, key: str, path: Path) -> None:
+        self.cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.cache))
+        try:
+            for f in _outputs(path):
+                _link(f, tmp / f.name)
+            (tmp / DONE).write_text("")
+            if entry.exists():  # filled meanwhile by another build
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, entry)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -44,69 +44,74 @@ class KVPlan:
                               fallback_layers=self.fallback_layers, accuracy=acc)
 
 
-def expectations(ctx: dict, lm_spec) -> tuple[dict, dict]:
-    plan = ctx["plan"]
-    model = {"architecture": ctx["adapter"].model_type, "source": str(Path(ctx["src"]).resolve()),
+def expectations(bp) -> tuple[dict, dict]:
+    """What a kv_scales.json must have been made for: (model, compression) of the BuildPlan `bp`."""
+    plan, lm_spec = bp.plan, bp.lm
+    model = {"architecture": bp.adapter.model_type, "source": str(Path(bp.src).resolve()),
              "num_layers": lm_spec.num_layers, "num_kv_heads": lm_spec.num_kv_heads, "head_dim": lm_spec.head_dim}
     comp = {"method": plan.method, "ratio": plan.ratio, "k_visual": plan.k, "options": dict(plan.options)}
     return model, comp
 
 
-def calibrate(out: Path, args, ctx: dict, lm_spec, step) -> tuple[object, list, list, str]:
+def calibrate(out: Path, bp, step) -> tuple[object, list, list, str]:
     """Run the calibration set; write `out` (kv_scales.json); (stats, k_thr, v_thr, source)."""
     from vtc.calibration import dataset, kv
+
+    args = bp.args
 
     with tempfile.TemporaryDirectory(prefix="vtc-calib-") as scratch:
         if args.calib_images:
             pairs, name = dataset.user_pairs(args.calib_images, args.calib_prompts), f"user: {args.calib_images}"
-        elif ctx["demo"]:  # the demo model has only ever seen shapes on a grid: calibrate on its own task
+        elif bp.demo:  # the demo model has only ever seen shapes on a grid: calibrate on its own task
             pairs = dataset.synthetic_pairs(scratch)
             name = f"default for the demo model: synthetic task scenes (seed {dataset.SYNTHETIC_CALIB_SEED})"
         else:
             pairs, name = dataset.default_pairs("calib"), "default: scikit-image sample photographs"
         with step(f"calibrating KV scales on {len(pairs)} image/prompt pairs ({args.kv_statistic}, per {args.kv_granularity})"):
-            stats = kv.collect(ctx["adapter"], ctx["model"], ctx["method"], ctx["plan"], ctx["src"], pairs)
+            stats = kv.collect(bp.adapter, bp.model, bp.method, bp.plan, bp.src, pairs)
     k_thr, v_thr = kv.thresholds(stats, args.kv_statistic, args.kv_granularity)
-    model, comp = expectations(ctx, lm_spec)
+    model, comp = expectations(bp)
     kv.write(out, stats, k_thr, v_thr, {"model": model, "compression": comp, "statistic": args.kv_statistic,
                                         "granularity": args.kv_granularity,
                                         "calibration": {"set": name, "new_tokens": 8}})
     return stats, k_thr, v_thr, f"calibrated: {name} ({len(pairs)} pairs)"
 
 
-def plan(tmp: Path, args, ctx: dict, lm_spec, step) -> KVPlan:
+def plan(tmp: Path, bp, step) -> KVPlan:
+    """The build's KV step for BuildPlan `bp`: float caches need nothing; int8/fp8 read --kv-scales or
+    calibrate now (into tmp/kv_scales.json), then choose per-layer fallbacks."""
     from vtc.calibration import kv
     from vtc.export.build import KV_DTYPES
 
-    dtype, n = KV_DTYPES[args.kv_cache], lm_spec.num_layers
+    args = bp.args
+    dtype, n = KV_DTYPES[args.kv_cache], bp.lm.num_layers
     if dtype in ("float32", "float16"):
         return KVPlan(dtype, KVQuant((dtype,) * n, (None,) * n, (None,) * n))
     if args.kv_scales:
-        model, comp = expectations(ctx, lm_spec)
+        model, comp = expectations(bp)
         data = kv.read(Path(args.kv_scales), model, comp)
         shutil.copy2(args.kv_scales, tmp / SCALES_FILE)
         k_thr, v_thr = [k for k, _ in data["_arrays"]], [v for _, v in data["_arrays"]]
         digest = hashlib.sha256(Path(args.kv_scales).read_bytes()).hexdigest()[:16]
         stats, source = None, f"file: {Path(args.kv_scales).resolve()} (sha256 {digest}; {data['calibration']})"
     else:
-        stats, k_thr, v_thr, source = calibrate(tmp / SCALES_FILE, args, ctx, lm_spec, step)
+        stats, k_thr, v_thr, source = calibrate(tmp / SCALES_FILE, bp, step)
     dtypes, ks, vs, errors, fell = kv.layer_plan(k_thr, v_thr, stats, dtype, args.kv_fallback)
     return KVPlan(dtype, KVQuant(tuple(dtypes), tuple(ks), tuple(vs)), source, fell,
                   [None if e is None else round(e, 5) for e in errors])
 
 
-def accuracy(artifact: Path, ctx: dict, new_tokens: int = 32) -> dict:
-    """The artifact (quantized KV, ONNX Runtime) against the eager PyTorch path with float32 KV on
-    held-out pairs: teacher-forced logits cosine per step, and free-running greedy agreement."""
+def accuracy(vlm, bp, new_tokens: int = 32) -> dict:
+    """The artifact (opened as `vlm`: quantized KV, ONNX Runtime) against the eager PyTorch path of
+    BuildPlan `bp` with float32 KV on held-out pairs: teacher-forced logits cosine per step, and
+    free-running greedy agreement."""
     import torch
 
     from vtc.calibration import dataset
     from vtc.export.parity import _teacher_forced_logits
     from vtc.export.reference import eager_generate
-    from vtc.runtime.pipeline import VLM
 
-    vlm = VLM(artifact, check_files=False)
-    adapter, model, method, plan_ = ctx["adapter"], ctx["model"], ctx["method"], ctx["plan"]
+    adapter, model, method, plan_ = bp.adapter, bp.model, bp.method, bp.plan
     cosines, agree, exact = [], [], 0
     pairs = dataset.default_pairs("eval")
     for image, prompt in pairs:
@@ -134,12 +139,11 @@ def write_scales(out: Path, args, step) -> Path:
 
     if out.is_dir():
         raise UsageError(f"--output {out} is a directory.", "Pass a file name, e.g. kv_scales.json.")
-    ctx = prepare(args, step, check_output=False)
-    lm_spec = ctx["adapter"].lm_spec(ctx["model"])
+    bp = prepare(args, step, check_output=False)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
     os.close(fd)
     try:
-        calibrate(Path(tmp), args, ctx, lm_spec, step)
+        calibrate(Path(tmp), bp, step)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,7 +1,12 @@
-"""Tracing the two graphs to plugin-free ONNX (torch.onnx.export, dynamo=True, opset 18).
+"""Tracing the graphs to plugin-free ONNX (torch.onnx.export, dynamo=True, opset 18), as lazy loaders.
 
 vision.onnx   pixel_values [1, 3, H, W] -> image_embeds [1, K, D], kept_index [1, K], token_map [1, N] int64
 llm.onnx      see vtc.export.llm (one graph for prefill and decode; weights in llm.onnx.data)
+select.onnx   FastV's selection between llm_pre and llm_post (vtc.export.methods.fastv)
+
+Each export is a loader in Polygraphy's style: the arguments go to `__init__`, nothing runs until it is
+called with the output path, and it returns the graph's GraphSpec. The build composes them; the sweep's
+graph cache wraps them (vtc.export.graph_cache.Cached) instead of patching this module.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from torch import nn
 
 from vtc.export.llm import TORCH_DTYPE, StaticCacheLM
+from vtc.export import graph_cache
 from vtc.export.methods.base import Method, Plan
 from vtc.export.models.base import VisualSpec
 from vtc.runtime.errors import ExportError
@@ -91,10 +97,39 @@ def graph_spec(path: Path, profiles: dict | None = None) -> GraphSpec:
                      profiles=profiles or {})
 
 
-def export_vision(graph: VisionGraph, image_size: int, path: Path) -> GraphSpec:
-    pixels = torch.randn(1, 3, image_size, image_size)
-    _export(graph, (pixels,), path, ["pixel_values"], ["image_embeds", "kept_index", "token_map"], None, external=False)
-    return graph_spec(path, {"static": {}})
+class GraphLoader:
+    """Call with the output path: exports the graph there and returns its GraphSpec."""
+
+    label = "exporting a graph"
+    profiles: dict = {}  # the GraphSpec's named shape sets (manifest)
+
+    def __call__(self, path: Path) -> GraphSpec:
+        return self.call_impl(Path(path))
+
+    def call_impl(self, path: Path) -> GraphSpec:
+        raise NotImplementedError
+
+    def cache_key(self, filename: str) -> str | None:
+        """What the exported file depends on (vtc.export.graph_cache); None = never reuse."""
+        return None
+
+
+class ExportVision(GraphLoader):
+    profiles = {"static": {}}
+
+    def __init__(self, graph: VisionGraph, image_size: int):
+        self.graph, self.image_size = graph, image_size
+        p = graph.plan
+        self.label = f"exporting vision encoder + projector + {p.method} ({p.k} of {p.n} tokens)"
+
+    def call_impl(self, path: Path) -> GraphSpec:
+        pixels = torch.randn(1, 3, self.image_size, self.image_size)
+        _export(self.graph, (pixels,), path, ["pixel_values"], ["image_embeds", "kept_index", "token_map"], None,
+                external=False)
+        return graph_spec(path, self.profiles)
+
+    def cache_key(self, filename: str) -> str | None:
+        return graph_cache.vision_key(self.graph, self.image_size, filename)
 
 
 def llm_io_names(first: int, end: int, head: bool) -> tuple[list[str], list[str]]:
@@ -116,6 +151,19 @@ class _NoHead(nn.Module):
 
     def forward(self, hidden, position_ids, past_lengths, past):
         return self.lm(hidden, position_ids, past_lengths, None, past)
+
+
+class ExportLLM(GraphLoader):
+    """An LLM segment (or the whole LLM) over the runtime-owned cache; `profiles` go to the manifest."""
+
+    def __init__(self, lm: StaticCacheLM, num_kv_heads: int, hidden: int, profiles: dict, label: str):
+        self.lm, self.num_kv_heads, self.hidden, self.profiles, self.label = lm, num_kv_heads, hidden, profiles, label
+
+    def call_impl(self, path: Path) -> GraphSpec:
+        return export_llm(self.lm, self.num_kv_heads, self.hidden, path, self.profiles)
+
+    def cache_key(self, filename: str) -> str | None:
+        return graph_cache.llm_key(self.lm, self.num_kv_heads, self.hidden, filename)
 
 
 def export_llm(lm: StaticCacheLM, num_kv_heads: int, hidden: int, path: Path, profiles: dict) -> GraphSpec:
@@ -144,23 +192,35 @@ def export_llm(lm: StaticCacheLM, num_kv_heads: int, hidden: int, path: Path, pr
     return graph_spec(path, profiles)
 
 
-class SelectGraph(nn.Module):
-    """FastV's in-graph selection between llm_pre and llm_post (see vtc.export.methods.fastv)."""
+class ExportSelect(GraphLoader):
+    """A selection graph between LLM segments: hidden_states [1, S, D], last_attn [1, S], image_start [1]
+    -> kept_hidden_states [1, S', D], keep_index [1, S'] (module: e.g. fastv.SelectGraph, with `n`)."""
 
-    def __init__(self, method, n: int, k: int):
-        super().__init__()
-        self.method, self.n, self.k = method, n, k
+    label = "exporting the in-LLM selection graph"
+    profiles = {"prefill": {"seq": "prompt length"}}
 
-    def forward(self, hidden_states, last_attn, image_start):
-        return self.method.select(hidden_states, last_attn, image_start, self.n, self.k)
+    def __init__(self, module: nn.Module, hidden: int):
+        self.module, self.hidden = module, hidden
+
+    def call_impl(self, path: Path) -> GraphSpec:
+        n = self.module.n
+        seq = n + 5
+        args = (torch.randn(1, seq, self.hidden), torch.rand(1, seq), torch.tensor([2]))
+        s_dim = torch.export.Dim("seq", min=n + 1, max=MAX_SEQ_DIM)
+        dyn = {"hidden_states": {1: s_dim}, "last_attn": {1: s_dim}, "image_start": None}
+        _export(self.module, args, path, ["hidden_states", "last_attn", "image_start"],
+                ["kept_hidden_states", "keep_index"], dyn, external=False)
+        return graph_spec(path, self.profiles)
 
 
-def export_select(graph: SelectGraph, hidden: int, path: Path) -> GraphSpec:
-    """hidden_states [1, S, D], last_attn [1, S], image_start [1] -> kept_hidden_states [1, S', D], keep_index [1, S']."""
-    seq = graph.n + 5
-    args = (torch.randn(1, seq, hidden), torch.rand(1, seq), torch.tensor([2]))
-    s_dim = torch.export.Dim("seq", min=graph.n + 1, max=MAX_SEQ_DIM)
-    dyn = {"hidden_states": {1: s_dim}, "last_attn": {1: s_dim}, "image_start": None}
-    _export(graph, args, path, ["hidden_states", "last_attn", "image_start"], ["kept_hidden_states", "keep_index"],
-            dyn, external=False)
-    return graph_spec(path, {"prefill": {"seq": "prompt length"}})
+class EagerGraph:
+    """An nn.Module behind a runtime session's interface, `run(feeds) -> [outputs]` (numpy in and out):
+    the reference runs a method's extra graphs eagerly through the same runtime selector."""
+
+    def __init__(self, module: nn.Module, input_names: tuple[str, ...]):
+        self.module, self.input_names, self.seconds = module, input_names, 0.0
+
+    def run(self, feeds: dict) -> list:
+        with torch.no_grad():
+            outs = self.module(*(torch.from_numpy(feeds[n]) for n in self.input_names))
+        return [o.numpy() for o in outs]

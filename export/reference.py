@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from vtc.export.methods.base import Method, Plan
-from vtc.export.models.base import VisualFeatures
 
 
 @dataclass
@@ -25,38 +24,15 @@ class Reference:
     token_map: list[int]
 
 
-def hf_visual_features(adapter, model, pixel_values: torch.Tensor) -> VisualFeatures:
-    """The adapter's features with `embeds` and [CLS] attention replaced by HF public-API values
-    (`get_image_features` on the full tower; `output_attentions=True`), so the export path's own
-    encoder walk and attention math are checked, not assumed."""
-    cfg = model.config
-    with torch.no_grad():
-        return _hf_features(adapter, model, pixel_values, cfg)
-
-
-def _hf_features(adapter, model, pixel_values, cfg) -> VisualFeatures:
-    feats = adapter.visual_features(model, pixel_values)
-    hf = model.model.get_image_features(pixel_values, vision_feature_layer=cfg.vision_feature_layer,
-                                        vision_feature_select_strategy=cfg.vision_feature_select_strategy)
-    feats.embeds = torch.cat(list(hf.pooler_output), 0)[None]
-    if adapter.visual_spec(model).cls_attention:
-        layer = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, int) else cfg.vision_feature_layer[0]
-        out = model.model.vision_tower(pixel_values, output_attentions=True, return_dict=True)
-        # hidden_states[l] is produced by layer l-1, i.e. attentions[l-1]; for negative l that is attentions[l].
-        att = out.attentions[layer if layer < 0 else layer - 1]
-        feats._cls_attn = att[:, :, 0, 1:].float().mean(dim=1)
-    return feats
-
-
 def reference_visual(adapter, model, method, plan: Plan, spec, pixel_values: torch.Tensor):
     """(embeds [1, K, D], kept_index [1, K], token_map [1, N]) in eager PyTorch.
 
-    Methods that only `compress` run on HF's own features; methods that run the encoder themselves
-    (vision_forward overridden, e.g. ToMe) run their eager path."""
+    Methods that only `compress` run on HF's own features (`adapter.reference_features`); methods that
+    run the encoder themselves (vision_forward overridden, e.g. ToMe) run their eager path."""
     with torch.no_grad():
         if type(method).vision_forward is not Method.vision_forward:
             return method.vision_forward(adapter, model, pixel_values, spec, plan)
-        return method.compress(hf_visual_features(adapter, model, pixel_values), spec, plan)
+        return method.compress(adapter.reference_features(model, pixel_values), spec, plan)
 
 
 def _greedy(model, max_new_tokens: int, **inputs) -> tuple[list[int], list]:
@@ -84,10 +60,9 @@ def reference_generate(adapter, model, method, plan: Plan, spec, pixel_values: t
     if method.stage == "llm":
         return _reference_in_llm(adapter, model, method, plan, pixel_values, before, after, max_new_tokens)
     image_embeds, kept, token_map = reference_visual(adapter, model, method, plan, spec, pixel_values)
-    if plan.k == spec.num_tokens and plan.method == "none":
-        ids = torch.tensor([before + [adapter.image_token_id(model)] * spec.num_tokens + after])
-        tokens, logits = _greedy(model, max_new_tokens, input_ids=ids, pixel_values=pixel_values,
-                                 attention_mask=torch.ones_like(ids))
+    if not method.compresses:  # exactly as a transformers user calls generate
+        tokens, logits = _greedy(model, max_new_tokens,
+                                 **adapter.reference_generate_inputs(model, before, after, pixel_values))
     else:
         table = adapter.embed_table(model)
         embeds = torch.cat([table[before][None], image_embeds, table[after][None]], dim=1)
@@ -103,17 +78,7 @@ def _flat(kv: list) -> tuple:
 
 def _select(method, plan: Plan, hidden, last_attn, image_start: int):
     """(hidden [1, S', D], keep [S'], image_kept [K], token_map [N]) with the deployed selection code."""
-    from vtc.runtime import selectors
-
-    n, k = plan.n, plan.k
-    if method.name == "fastv":
-        hidden, keep = method.select(hidden, last_attn, torch.tensor([image_start]), n, k)
-        keep = keep[0]
-        image = keep[(keep >= image_start) & (keep < image_start + n)] - image_start
-        token_map = torch.full((n,), -1, dtype=torch.int64)
-        token_map[image] = torch.arange(image.shape[0])
-        return hidden, keep, image.tolist(), token_map.tolist()
-    sel = selectors.tokencarve(hidden[0].numpy(), last_attn[0].numpy(), image_start, n, k, plan.options["weight"])
+    sel = method.run_selector(hidden[0].numpy(), last_attn[0].numpy(), image_start, plan)
     return (torch.from_numpy(sel.hidden)[None], torch.from_numpy(sel.keep), sel.image_kept.tolist(),
             sel.merged_into.tolist())
 
@@ -133,7 +98,7 @@ def eager_generate(adapter, model, method, plan: Plan, pixel_values, before, aft
     spec = adapter.visual_spec(model)
     with torch.no_grad():
         if method.stage == "llm":  # the vision side is uncompressed; the selection happens between segments
-            none = methods.get("none")
+            none = methods.get(methods.NONE)
             image_embeds, kept, token_map = reference_visual(adapter, model, none, none.plan(spec, 1.0, {}), spec,
                                                              pixel_values)
         else:
@@ -141,13 +106,13 @@ def eager_generate(adapter, model, method, plan: Plan, pixel_values, before, aft
     table = adapter.embed_table(model)
     embeds = torch.cat([table[before][None], image_embeds, table[after][None]], dim=1)  # [1, S, D]
     n_layers = adapter.lm_spec(model).num_layers
-    w = plan.options["layer"] if method.stage == "llm" else n_layers
+    w = method.work_layer(plan) or n_layers
     segs = [adapter.static_cache_lm(model, (0, w))] + ([adapter.static_cache_lm(model, (w, n_layers))] if w < n_layers else [])
     kv_shape = (1, adapter.lm_spec(model).num_kv_heads, 0, segs[0].head_dim)
     kv = [[torch.zeros(kv_shape), torch.zeros(kv_shape)] for _ in range(n_layers)]
     seq = embeds.shape[1]
     with torch.no_grad():
-        hidden, positions, logits = embeds, torch.arange(seq)[None], None
+        hidden, positions, logits = embeds, adapter.position_ids(seq), None
         for seg in segs:
             outs = seg(hidden, positions, torch.zeros(seg.num_layers, dtype=torch.int64),
                        torch.tensor([hidden.shape[1] - 1]) if seg.has_head else None,

@@ -7,7 +7,7 @@ Layout of the output directory (default artifacts/sweep-<model>):
     sweep-state.json               finished variants, rewritten atomically after each one
     sweep.json, sweep.csv          the table: one row per variant
     sweep.png                      TTFT p50 and greedy agreement against kept tokens, one line per method
-    .graph-cache/                  exported graphs shared between variants (see `reuse_exports`)
+    .graph-cache/                  exported graphs shared between variants (see vtc.export.graph_cache)
 
 Resuming: a variant recorded in the state file whose artifact still loads is skipped; an artifact that
 was built but not yet scored (interrupted in between) is reused without rebuilding; the settings must
@@ -24,11 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from vtc.export import graph_cache
 from vtc.export.build import DEFAULT_MAX_SEQ_LEN, DEFAULT_TEXT_BUDGET, BuildArgs
 from vtc.runtime.errors import ArtifactError, UsageError
+from vtc.runtime.manifest import UNCOMPRESSED
 
 STATE = "sweep-state.json"
+GRAPH_CACHE = ".graph-cache"  # exported graphs shared between variants (vtc.export.graph_cache)
 STATE_SCHEMA = "vtc.sweep-state"
 COLUMNS = ("variant", "method", "ratio", "kv_cache", "k_visual", "n_visual", "prompt_tokens", "ttft_ms_p50", "ttft_ms_p90",
            "vit_time_ms_p50", "prefill_time_ms_p50", "tpot_ms_p50", "generation_throughput_tok_s_p50", "e2e_ms_p50",
@@ -87,10 +88,10 @@ def plan_variants(args: SweepArgs) -> list[Variant]:
     bad = [k for k in args.kv_caches if k not in KV_DTYPES]
     if bad or not args.kv_caches:
         raise UsageError(f"--kv-cache {','.join(bad) or '(empty)'}: not a KV cache type.", f"Use {', '.join(KV_DTYPES)}.")
-    out = [Variant("none", 1.0)]
+    out = [Variant(methods.NONE, 1.0)]
     for kv in args.kv_caches:
-        out += [Variant("none", 1.0, kv)] if 1.0 in args.ratios else []
-        out += [Variant(m, r, kv) for m in args.methods if m != "none" for r in args.ratios if r != 1.0]
+        out += [Variant(methods.NONE, 1.0, kv)] if 1.0 in args.ratios else []
+        out += [Variant(m, r, kv) for m in args.methods if methods.get(m).compresses for r in args.ratios if r != 1.0]
     return list(dict.fromkeys(out))
 
 
@@ -150,8 +151,7 @@ def build_variant(args: SweepArgs, model_dir: Path, v: Variant, root: Path, step
     if not args.force and _existing(out, bargs):
         return out, 0.0
     t0 = time.perf_counter()
-    with graph_cache.reuse_exports(root / ".graph-cache"):
-        build_mod.build(bargs, step)
+    build_mod.build(bargs, step, cache=root / GRAPH_CACHE)
     return out, time.perf_counter() - t0
 
 
@@ -331,7 +331,7 @@ def accuracy_table(rows: list[dict], settings: dict) -> str:
         return ""
     types = sorted({k[4:] for r in rows for k in r if k.startswith("acc_")})
     kv_order = ["fp32", "fp16", "int8", "fp8"]
-    rows.sort(key=lambda r: (r["method"] != "none", kv_order.index(r["kv_cache"]) if r["kv_cache"] in kv_order else 9,
+    rows.sort(key=lambda r: (r["method"] != UNCOMPRESSED, kv_order.index(r["kv_cache"]) if r["kv_cache"] in kv_order else 9,
                              r["method"], -r["ratio"]))
     src = "synthetic" if settings.get("eval_dataset") == "synthetic" else settings.get("eval_dataset")
     lines = [f"Accuracy % on {rows[0]['eval_examples']} questions ({src}, seed {settings.get('eval_seed')}), greedy, "

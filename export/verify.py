@@ -29,7 +29,7 @@ def verify(artifact_dir: Path, tokens: int = 32, model_dir: str | None = None, s
     if spec.num_tokens != m.compression.n_visual:
         raise ModelError(f"{src} gives {spec.num_tokens} visual tokens; the artifact was built for "
                          f"{m.compression.n_visual}.", "Pass --model with the checkpoint the artifact was built from.")
-    method = methods.get(m.compression.method)
+    method = methods.get(m.compression.method)  # a registered method, built-in or plugin
     plan = Plan(method=m.compression.method, ratio=m.compression.ratio, n=m.compression.n_visual,
                 k=m.compression.k_visual, options=dict(m.compression.options))
     with step(f"comparing graphs and {tokens} greedy tokens against PyTorch"):

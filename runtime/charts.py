@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vtc.runtime.errors import UsageError
+from vtc.runtime.manifest import UNCOMPRESSED
 
 STAGES = (("preprocess_ms", "preprocess", "#9e9e9e"), ("vit_time_ms", "vision encoder + compressor", "#4c72b0"),
           ("prefill_time_ms", "prefill", "#dd8452"), ("first_token_ms", "first token", "#8172b3"))
@@ -83,12 +84,12 @@ def sweep_chart(rows: list[dict], path: Path, title: str) -> None:
     uncompressed point)."""
     plt = pyplot()
     fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(12, 4.6))
-    base = [r for r in rows if r["method"] == "none" and r.get("kv_cache", "fp32") == "fp32"]
-    lines = sorted({(r["method"], r.get("kv_cache", "fp32")) for r in rows if r["method"] != "none"}) or [("none", "fp32")]
+    base = [r for r in rows if r["method"] == UNCOMPRESSED and r.get("kv_cache", "fp32") == "fp32"]
+    lines = sorted({(r["method"], r.get("kv_cache", "fp32")) for r in rows if r["method"] != UNCOMPRESSED}) or [(UNCOMPRESSED, "fp32")]
     several_kv = len({kv for _m, kv in lines}) > 1
     for method, kv in lines:
         pts = [r for r in rows if r["method"] == method and r.get("kv_cache", "fp32") == kv]
-        pts += [r for r in rows if r["method"] == "none" and r.get("kv_cache", "fp32") == kv and r not in pts]
+        pts += [r for r in rows if r["method"] == UNCOMPRESSED and r.get("kv_cache", "fp32") == kv and r not in pts]
         pts = sorted(pts or base, key=lambda r: r["k_visual"])
         label = f"{method} (KV {kv})" if several_kv else method
         ks = [r["k_visual"] for r in pts]

@@ -1,6 +1,7 @@
 """The language model side of the runtime: one graph (`llm`), or two segments split at a work layer
 (`llm_pre` = layers [0, W), `llm_post` = [W, L)) with an in-LLM token selection between them at
-prefill (FastV: the `select` graph; TokenCarve: vtc.runtime.selectors, exact, numpy).
+prefill: the selector the manifest names (vtc.runtime.selectors; FastV runs the `select` graph,
+TokenCarve an exact numpy selection).
 
 All segments share one StaticKVCache; each writes only its own layers' new entries. Decode runs the
 segments in order on one token. Positions are always the ORIGINAL ones: a pruned prompt keeps its
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vtc.runtime import selectors
+from vtc.runtime import positions, selectors
 from vtc.runtime.errors import ArtifactError
 from vtc.runtime.kv_cache import StaticKVCache
 
@@ -44,9 +45,14 @@ class LanguageModel:
             self.segments = [Segment(sessions["llm_pre"], 0, w, False), Segment(sessions["llm_post"], w, m.lm.num_layers, True)]
         else:
             self.segments = [Segment(sessions["llm"], 0, m.lm.num_layers, True)]
-        self.select = sessions.get("select")
-        if self.c.stage == "llm" and self.c.method == "fastv" and self.select is None:
-            raise ArtifactError("this FastV artifact has no select graph.", "Rebuild the artifact.")
+        self.selector, self.selector_graphs = None, {}
+        if self.c.stage == "llm":
+            self.selector = selectors.get(self.c.selector)
+            missing = [g for g in self.selector.graphs if g not in sessions]
+            if missing:
+                raise ArtifactError(f"this {self.c.method} artifact has no {', '.join(missing)} graph.", "Rebuild the artifact.")
+            self.selector_graphs = {g: sessions[g] for g in self.selector.graphs}
+        self.prefill_positions = positions.get(m.lm.rope)  # prompt length -> position_ids
         d = m.lm.hidden_size
         # Decode feeds: persistent arrays (bound once by the backend), views of the cache for the past.
         self._step = [self._feeds(seg, np.zeros((1, 1, d), np.float32), np.zeros((1, 1), np.int64), decode=True)
@@ -57,10 +63,10 @@ class LanguageModel:
 
     @property
     def backend_seconds(self) -> float:
-        return sum(s.session.seconds for s in self.segments) + (self.select.seconds if self.select else 0.0)
+        return sum(s.session.seconds for s in self.segments) + sum(g.seconds for g in self.selector_graphs.values())
 
-    def _feeds(self, seg: Segment, hidden, positions, decode: bool, logits_index=None) -> dict:
-        feeds = {("inputs_embeds" if seg.first == 0 else "hidden_states"): hidden, "position_ids": positions,
+    def _feeds(self, seg: Segment, hidden, position_ids, decode: bool, logits_index=None) -> dict:
+        feeds = {("inputs_embeds" if seg.first == 0 else "hidden_states"): hidden, "position_ids": position_ids,
                  "past_lengths": self.cache.lengths[seg.first:seg.end],
                  **self.cache.past_feeds(empty=not decode, layers=range(seg.first, seg.end))}
         if seg.has_head:
@@ -72,17 +78,17 @@ class LanguageModel:
         self.cache.reset()
         self.last_pruned = None
         seq = embeds.shape[1]
-        hidden, positions = embeds, np.arange(seq, dtype=np.int64)[None]
+        hidden, pos = embeds, self.prefill_positions(seq)
         for seg in self.segments:
             last = np.array([hidden.shape[1] - 1], np.int64)
-            outs = seg.session.run(self._feeds(seg, hidden, positions, decode=False, logits_index=last))
+            outs = seg.session.run(self._feeds(seg, hidden, pos, decode=False, logits_index=last))
             if seg.has_head:
                 self.cache.write(outs[1:], first=seg.first)
                 self.position = seq
                 return outs[0][0]
             hidden, last_attn = outs[0], outs[1]
             self.cache.write(outs[2:], first=seg.first)
-            hidden, positions = self._prune(hidden, last_attn, image_start, seg)
+            hidden, pos = self._prune(hidden, last_attn, image_start, seg)
         raise ArtifactError("the LLM segments end without an LM head.", "Rebuild the artifact.")
 
     def _prune(self, hidden, last_attn, image_start: int, seg: Segment):
@@ -93,23 +99,12 @@ class LanguageModel:
         return hidden, keep
 
     def _select(self, hidden, last_attn, image_start: int, seg: Segment):
-        n, k = self.c.n_visual, self.c.k_visual
-        if self.c.method == "fastv":
-            hidden, keep = self.select.run({"hidden_states": hidden, "last_attn": last_attn,
-                                            "image_start": np.array([image_start], np.int64)})
-            keep = keep[0]
-            image = keep[(keep >= image_start) & (keep < image_start + n)] - image_start
-            merged = np.full(n, -1, np.int64)
-            merged[image] = np.arange(image.shape[0])
-            self.last_pruned = Pruned(image.tolist(), merged.tolist())
-        elif self.c.method == "tokencarve":
-            sel = selectors.tokencarve(hidden[0], last_attn[0], image_start, n, k, self.c.options["weight"])
-            hidden, keep = sel.hidden[None], sel.keep
-            self.last_pruned = Pruned(sel.image_kept.tolist(), sel.merged_into.tolist())
-            self.cache.compact(range(seg.first, seg.end), keep)
-        else:
-            raise ArtifactError(f"no in-LLM selection for method {self.c.method!r}.", "Rebuild the artifact.")
-        return np.ascontiguousarray(hidden), keep[None].astype(np.int64)
+        sel = self.selector(hidden[0], last_attn[0], image_start, self.c.n_visual, self.c.k_visual, self.c.options,
+                            self.selector_graphs)
+        self.last_pruned = Pruned(sel.image_kept.tolist(), sel.merged_into.tolist())
+        if self.selector.trims_pre_kv:
+            self.cache.compact(range(seg.first, seg.end), sel.keep)
+        return np.ascontiguousarray(sel.hidden[None]), sel.keep[None].astype(np.int64)
 
     def decode(self, token_embed: np.ndarray) -> np.ndarray:
         """token_embed [D] at the next position -> logits [V]."""

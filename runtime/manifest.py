@@ -19,8 +19,11 @@ from typing import Any
 from vtc.runtime.errors import ArtifactError
 
 SCHEMA = "vtc.artifact"
-SCHEMA_VERSION = 2  # 2: in-LLM stage fields, per-layer KV dtypes, scales, accuracy, engines
+SCHEMA_VERSION = 3  # 3: compression.selector, lm.rope, text.tokenizer_as_is (architecture/method facts the
+#                      runtime used to infer from names); 2: in-LLM stage fields, per-layer KV dtypes, engines
+READABLE_VERSIONS = (2, 3)  # version 2 is upgraded on read (_upgrade_v2)
 MANIFEST = "manifest.json"
+UNCOMPRESSED = "none"  # compression.method of an artifact that keeps every visual token (vtc.export.methods.NONE)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class CompressionInfo:
     stage: str  # "vision": compressed in the vision graph; "llm": pruned inside the LLM at work_layer
     work_layer: int | None  # W for stage "llm" (graphs llm_pre = layers [0, W), llm_post = [W, L))
     kv_visual_per_layer: list  # [L] visual tokens each layer's KV cache holds after prefill
+    selector: str | None = None  # stage "llm": the runtime selection between the segments (vtc.runtime.selectors)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class LMInfo:
     head_dim: int
     hidden_size: int
     vocab_size: int
+    rope: str = "1d"  # position scheme (vtc.runtime.positions)
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class TextInfo:
     max_seq_len: int  # KV cache length: prompt + visual + generated tokens
     eos_token_ids: list
     chat_template: str | None  # file name in the artifact, or None (prompts must then be --raw)
+    tokenizer_as_is: bool = False  # tokenizer.json is used whatever tokenizer_class says (as transformers does for it)
 
 
 @dataclass(frozen=True)
@@ -199,11 +205,26 @@ def parse(text: str, source: str = MANIFEST) -> Manifest:
     if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
         raise ArtifactError(f"{source} is not a vtc artifact manifest.", "Point at a directory `vtc-export build` wrote.")
     version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version == 2:
+        raw = _upgrade_v2(raw)
+    elif version != SCHEMA_VERSION:
         newer = isinstance(version, int) and version > SCHEMA_VERSION
-        raise ArtifactError(f"{source} has manifest schema version {version!r}; this vtc reads version {SCHEMA_VERSION}.",
+        raise ArtifactError(f"{source} has manifest schema version {version!r}; this vtc reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}.",
                             "Upgrade vtc to run it." if newer else "Rebuild the artifact with this vtc.")
     return _parse(Manifest, raw, "")
+
+
+def _upgrade_v2(raw: dict) -> dict:
+    """Version 2 artifacts (vtc 0.1) are all LLaVA: tokenizer.json as is, 1-D RoPE, and an in-LLM
+    method's selector is the method of the same name."""
+    raw = dict(raw)
+    comp, text = raw.get("compression"), raw.get("text")
+    if isinstance(comp, dict) and comp.get("stage") == "llm" and "selector" not in comp:
+        raw["compression"] = {**comp, "selector": comp.get("method")}
+    if isinstance(text, dict) and "tokenizer_as_is" not in text:
+        raw["text"] = {**text, "tokenizer_as_is": True}
+    return raw
 
 
 def load(artifact_dir: Path, check_files: bool = True) -> Manifest:

@@ -50,12 +50,14 @@ class GenerationResult:
 class VLM:
     """A built artifact, opened for inference. Not thread-safe (one static KV cache)."""
 
-    def __init__(self, artifact_dir: Path, backend=None, check_files: bool = True):
+    def __init__(self, artifact_dir: Path, backend=None, check_files: bool = True, manifest=None):
+        """Open `artifact_dir` (its manifest.json, checksums verified with check_files); `manifest`: an
+        in-memory Manifest to use instead of the file (the build's parity check, before it writes one)."""
         self.dir = Path(artifact_dir)
-        self.manifest = m = mf.load(self.dir, check_files=check_files)
+        self.manifest = m = manifest if manifest is not None else mf.load(self.dir, check_files=check_files)
         self.backend = backend or get_backend()
         self.preprocessor = ImagePreprocessor.from_config(m.preprocess)
-        self.text = TextProcessor.from_dir(self.dir, image_token=m.model.image_token, model_type=m.model.architecture)
+        self.text = TextProcessor.from_dir(self.dir, image_token=m.model.image_token, tokenizer_as_is=m.text.tokenizer_as_is)
         self.embed = np.load(self.dir / m.embeddings["file"], mmap_mode="r", allow_pickle=False)  # [V, D]
         if hasattr(self.backend, "prepare"):
             self.backend.prepare(m)

@@ -1,9 +1,15 @@
-"""Token selections that run in the runtime between LLM segments (numpy; no torch).
+"""In-LLM token selections: what runs between the LLM segments at prefill (numpy; no torch).
 
-TokenCarve's IPGS needs an SVD, which ONNX does not have. Its selection runs here, exactly, in
-float64, between `llm_pre` (layers [0, W)) and `llm_post` (layers [W, L)). The export side's PyTorch
-reference path calls the same function, and tests/test_method_tokencarve.py checks it against a
-transcription of the published code.
+A registry of selectors by name. The manifest records the selector of an in-LLM method
+(`compression.selector`); the runtime (vtc.runtime.lm) and the export side's PyTorch reference
+(`InLLMMethod.run_selector`) both call the selector found here, so the deployed selection is the one
+that is checked. A selector gets layer W-1's output hidden states and last-token attention, and the
+graphs it declares (`graphs`: runtime sessions, or their eager stand-ins in the reference).
+
+    fastv       runs the artifact's select.onnx (TopK in the graph); layers < W keep the full KV
+    tokencarve  TokenCarve's IPGS needs an SVD, which ONNX does not have: it runs here, exactly, in
+                float64; layers < W are trimmed to the kept tokens too (tests check it against a
+                transcription of the published code)
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vtc.runtime.errors import ArtifactError
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -19,6 +27,44 @@ class Selection:
     hidden: np.ndarray  # [S', D]: hidden states entering layer W (merged where TokenCarve merged)
     image_kept: np.ndarray  # [K] int64: kept image tokens, 0-based within the image span, ascending
     merged_into: np.ndarray  # [N] int64: image token -> kept image token (0..K-1) it went into, -1 = dropped
+
+
+class Selector:
+    """One in-LLM selection. `graphs`: names of artifact graphs it runs; `trims_pre_kv`: whether the
+    cache of layers < W is gathered to the kept tokens too (else they keep the full prompt)."""
+
+    name: str = ""
+    graphs: tuple[str, ...] = ()
+    trims_pre_kv: bool = False
+
+    def __call__(self, hidden: np.ndarray, last_attn: np.ndarray, image_start: int, n: int, k: int,
+                 options: dict, graphs: dict) -> Selection:
+        """hidden [S, D], last_attn [S] of layer W-1 -> the Selection (S' = S - N + K tokens kept)."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Selector] = {}
+
+
+def register(selector: Selector) -> Selector:
+    _REGISTRY[selector.name] = selector
+    return selector
+
+
+def get(name: str | None) -> Selector:
+    if name not in _REGISTRY:
+        raise ArtifactError(f"the artifact asks for the in-LLM selection {name!r}, which this vtc does not have "
+                            f"(it has {', '.join(_REGISTRY)}).", "Upgrade vtc, or rebuild the artifact with this vtc.")
+    return _REGISTRY[name]
+
+
+def from_keep(keep: np.ndarray, hidden: np.ndarray, image_start: int, n: int) -> Selection:
+    """A pure selection (no merging) from the kept original positions keep [S'] (ascending)."""
+    keep = np.asarray(keep, np.int64)
+    image = keep[(keep >= image_start) & (keep < image_start + n)] - image_start
+    merged = np.full(n, -1, np.int64)
+    merged[image] = np.arange(image.shape[0])
+    return Selection(keep=keep, hidden=hidden, image_kept=image, merged_into=merged)
 
 
 def _descending(values: np.ndarray) -> np.ndarray:
@@ -92,3 +138,29 @@ def tokencarve(hidden: np.ndarray, last_attn: np.ndarray, image_start: int, n: i
     keep = np.concatenate([np.arange(image_start), image_kept + image_start, np.arange(image_start + n, seq)])
     return Selection(keep=keep.astype(np.int64), hidden=x[keep].astype(hidden.dtype),
                      image_kept=image_kept.astype(np.int64), merged_into=merged_into)
+
+
+class FastVSelector(Selector):
+    """FastV: the artifact's `select` graph keeps every text token and the top-K image tokens by the
+    last token's attention (vtc.export.methods.fastv)."""
+
+    name = "fastv"
+    graphs = ("select",)
+
+    def __call__(self, hidden, last_attn, image_start, n, k, options, graphs):
+        kept, keep = graphs["select"].run({"hidden_states": np.ascontiguousarray(hidden[None]),
+                                           "last_attn": np.ascontiguousarray(last_attn[None]),
+                                           "image_start": np.array([image_start], np.int64)})
+        return from_keep(keep[0], kept[0], image_start, n)
+
+
+class TokenCarveSelector(Selector):
+    name = "tokencarve"
+    trims_pre_kv = True
+
+    def __call__(self, hidden, last_attn, image_start, n, k, options, graphs):
+        return tokencarve(hidden, last_attn, image_start, n, k, options["weight"])
+
+
+register(FastVSelector())
+register(TokenCarveSelector())

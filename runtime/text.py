@@ -23,11 +23,10 @@ from tokenizers import AddedToken, Tokenizer
 from vtc.runtime.errors import InputError, ModelError
 
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-# tokenizer_class values transformers 5.x loads from tokenizer.json as is ("Fast" suffix dropped)...
+# tokenizer_class values transformers 5.x loads from tokenizer.json as is ("Fast" suffix dropped); for
+# some architectures AutoTokenizer ignores tokenizer_class altogether (their adapter's `tokenizer_as_is`,
+# recorded in the manifest: transformers' MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS).
 AS_IS_TOKENIZER_CLASSES = {"", "PreTrainedTokenizer", "TokenizersBackend"}
-# ...and model types for which AutoTokenizer ignores tokenizer_class and uses TokenizersBackend anyway
-# (a subset of transformers' MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS).
-AS_IS_MODEL_TYPES = {"llava", "llava_next", "vipllava"}
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # byte-fallback tokens (Llama/SentencePiece style)
 
 
@@ -216,16 +215,16 @@ def _tokens_to_add(tok: Tokenizer, tcfg: dict) -> list[AddedToken]:
     return to_add
 
 
-def _check_tokenizer_class(tcfg: dict, model_type: str | None) -> None:
+def _check_tokenizer_class(tcfg: dict, as_is: bool) -> None:
     """Refuse tokenizers that transformers 5.x rebuilds from vocab/merges instead of using tokenizer.json."""
     cls = str(tcfg.get("tokenizer_class") or "").removesuffix("Fast")
-    if cls in AS_IS_TOKENIZER_CLASSES or model_type in AS_IS_MODEL_TYPES:
+    if cls in AS_IS_TOKENIZER_CLASSES or as_is:
         return
     raise ModelError(
-        f"tokenizer_class {cls!r} (model_type {model_type!r}) is rebuilt by transformers 5.x from its vocabulary, "
+        f"tokenizer_class {cls!r} is rebuilt by transformers 5.x from its vocabulary (for this architecture), "
         "so tokenizer.json alone may not give the same token ids.",
         "Save the tokenizer transformers actually uses (AutoTokenizer(...).backend_tokenizer) as tokenizer.json "
-        "with tokenizer_class 'TokenizersBackend', or pass the checkpoint's model_type.",
+        "with tokenizer_class 'TokenizersBackend'.",
     )
 
 
@@ -327,17 +326,18 @@ class TextProcessor:
 
     @classmethod
     def from_dir(cls, directory: str | Path, image_token: str | None = None,
-                 model_type: str | None = None) -> TextProcessor:
+                 tokenizer_as_is: bool = False) -> TextProcessor:
         """Load tokenizer.json, tokenizer_config.json and the chat template of ``directory``.
 
-        ``model_type`` (default: config.json's) decides, like ``AutoTokenizer``, whether a declared
-        tokenizer_class such as LlamaTokenizer is ignored (LLaVA) or would be rebuilt (ModelError).
+        ``tokenizer_as_is`` (the architecture's: adapter / manifest) says, like ``AutoTokenizer``, that a
+        declared tokenizer_class such as LlamaTokenizer is ignored (LLaVA); otherwise such a class would
+        be rebuilt by transformers, and loading it is a ModelError.
         """
         d = Path(directory)
         tcfg = _read_json(d / "tokenizer_config.json")
         if "added_tokens_decoder" not in tcfg:  # legacy: special_tokens_map.json overrides tokenizer_config
             tcfg.update(_read_json(d / "special_tokens_map.json"))
-        _check_tokenizer_class(tcfg, model_type or _read_json(d / "config.json").get("model_type"))
+        _check_tokenizer_class(tcfg, tokenizer_as_is)
         tok = _load_backend(d, tcfg)
         specials = _special_tokens(tcfg)
         image_token = (image_token or _read_json(d / "processor_config.json").get("image_token")

@@ -7,10 +7,21 @@ Every method produces exactly K tokens (static shapes) and returns, besides the 
   token_map  [1, N] int64: the output token each original token went into, -1 if it was dropped
 (merging methods map several originals to one output). The runtime reports both (`run --json`).
 
-Where a method operates decides which hook it implements:
+The contract a method declares (checked before any export; nothing outside a method's own module
+names it):
+  stage      "vision": compressed inside vision.onnx; "llm": pruned inside the LLM at a work layer
+  requires   what it needs from the architecture's vision side (VisualSpec.capabilities), e.g.
+             {"cls_token"}: a model without one is refused with the list of methods that apply
+  options    typed `--method-opt` options
+  selector   (stage "llm") the runtime selection it runs between the LLM segments, by name
+             (vtc.runtime.selectors); recorded in the manifest. `extra_graphs` adds the graphs that
+             selection needs (FastV: select.onnx), `reference_graphs` their eager PyTorch stand-ins.
+Where a vision-stage method operates decides which hook it implements:
   after the projector / at the feature layer: `compress(feats, spec, plan)` on VisualFeatures;
   inside the encoder (ToMe): override `vision_forward`, which by default runs the adapter's
   encoder and then `compress`.
+The eager PyTorch path of every method (the reference the artifact is checked against) is the same
+code: `vision_forward`/`compress` run eagerly, and in-LLM selections run the runtime's selector.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from typing import Any
 
 import torch
 
-from vtc.export.models.base import VisualFeatures, VisualSpec
+from vtc.export.models.base import CAPABILITIES, VisualFeatures, VisualSpec
 from vtc.runtime.errors import MethodError
 
 
@@ -57,7 +68,9 @@ class Method:
     stage: str = "vision"  # "vision": in the vision graph; "llm": inside the LLM at a work layer
     where: str = ""  # where it operates, e.g. "after projector"
     reads_prompt: bool = False
-    needs_cls_attention: bool = False
+    requires: frozenset = frozenset()  # VisualSpec.capabilities it needs
+    compresses: bool = True  # False only for `none` (the uncompressed model)
+    selector: str | None = None  # stage "llm": vtc.runtime.selectors name
     paper: str = ""
     reference: str = ""
     summary: str = ""
@@ -82,11 +95,18 @@ class Method:
                                   f"{o.type.__name__}.", o.help) from e
         return out
 
+    def applies_to(self, spec: VisualSpec) -> bool:
+        return self.requires <= spec.capabilities
+
     def plan(self, spec: VisualSpec, ratio: float, raw_options: dict[str, str]) -> Plan:
-        if self.needs_cls_attention and not spec.cls_attention:
-            raise MethodError(f"method {self.name!r} ranks patches by [CLS] attention, but this vision "
-                              "encoder has no [CLS] token.", "Choose a method that does not need one "
-                              "(`vtc-export list`), e.g. pool.")
+        missing = sorted(self.requires - spec.capabilities)
+        if missing:
+            from vtc.export import methods
+
+            need = "; ".join(CAPABILITIES.get(m, m) for m in missing)
+            ok = ", ".join(m.name for m in methods.all_methods() if m.compresses and m.applies_to(spec))
+            raise MethodError(f"method {self.name!r} does not apply to this model: it needs {need}, which this "
+                              "vision encoder does not have.", f"Methods that apply to it: {ok}.")
         options = self.parse_options(raw_options)
         k = self.feasible_k(spec, ratio, options)
         return Plan(method=self.name, ratio=ratio, n=spec.num_tokens, k=k, options=options)
@@ -97,6 +117,16 @@ class Method:
     def check_lm(self, num_layers: int, plan: Plan) -> None:
         """LLM-stage methods check their work layer against the language model; others need nothing."""
 
+    # -- where the tokens go (the manifest's compression record) -----------------------------------
+    def work_layer(self, plan: Plan) -> int | None:
+        """W for stage "llm" (llm_pre = layers [0, W), llm_post = [W, L)); None for vision methods."""
+        return None
+
+    def kv_visual_per_layer(self, plan: Plan, num_layers: int) -> list[int]:
+        """Visual tokens each layer's KV cache holds after prefill."""
+        return [plan.k] * num_layers
+
+    # -- the vision stage --------------------------------------------------------------------------
     def vision_forward(self, adapter, model, pixel_values: torch.Tensor, spec: VisualSpec, plan: Plan):
         """pixel_values [1, 3, H, W] -> (embeds [1, K, D], kept_index [1, K], token_map [1, N]).
 
@@ -106,6 +136,52 @@ class Method:
     def compress(self, feats: VisualFeatures, spec: VisualSpec, plan: Plan):
         """(embeds [1, K, D], kept_index [1, K] int64, token_map [1, N] int64)."""
         raise NotImplementedError(f"method {self.name!r} implements neither compress nor vision_forward")
+
+    # -- the llm stage -----------------------------------------------------------------------------
+    def extra_graphs(self, plan: Plan, hidden: int) -> dict:
+        """Graphs besides vision/llm_pre/llm_post that the runtime selector needs: name -> a
+        vtc.export.onnx_export loader (called with the output path, returns the GraphSpec)."""
+        return {}
+
+    def reference_graphs(self, plan: Plan) -> dict:
+        """Eager stand-ins of `extra_graphs` (objects with `run(feeds) -> [outputs]`, like a runtime session)."""
+        return {}
+
+
+class InLLMMethod(Method):
+    """A method that prunes inside the LLM at a work layer (option `layer`), through a runtime selector."""
+
+    stage = "llm"
+    reads_prompt = True
+
+    def check_lm(self, num_layers: int, plan: Plan) -> None:
+        w = plan.options["layer"]
+        if not 1 <= w < num_layers:
+            raise MethodError(f"{self.name} layer={w} is outside this model's 1..{num_layers - 1}.",
+                              f"Pass --method-opt layer=N with 1 <= N < {num_layers}.")
+
+    def work_layer(self, plan: Plan) -> int | None:
+        return plan.options["layer"]
+
+    @property
+    def trims_pre_kv(self) -> bool:
+        """Whether layers < W keep only the kept tokens too: the runtime selector's declaration."""
+        from vtc.runtime import selectors
+
+        return selectors.get(self.selector).trims_pre_kv
+
+    def kv_visual_per_layer(self, plan: Plan, num_layers: int) -> list[int]:
+        if self.trims_pre_kv:
+            return [plan.k] * num_layers
+        w = self.work_layer(plan)
+        return [plan.n] * w + [plan.k] * (num_layers - w)
+
+    def run_selector(self, hidden, last_attn, image_start: int, plan: Plan):
+        """The deployed selection, eagerly: hidden [S, D], last_attn [S] (numpy) -> selectors.Selection."""
+        from vtc.runtime import selectors
+
+        return selectors.get(self.selector)(hidden, last_attn, image_start, plan.n, plan.k, plan.options,
+                                            self.reference_graphs(plan))
 
 
 def token_map_of(index: torch.Tensor, n: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from vtc.export.methods.base import Method, Plan, gather_sorted
 class ClsAttention(Method):
     name = "cls-attn"
     where = "vision encoder (feature layer)"
-    needs_cls_attention = True
+    requires = frozenset({"cls_token"})
     summary = "Keep the K patches with the highest head-averaged [CLS] attention."
     paper = "FasterVLM, arXiv 2412.01818"
     reference = "github.com/Theia-4869/FasterVLM"

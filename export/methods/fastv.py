@@ -20,26 +20,29 @@ from __future__ import annotations
 
 import torch
 
-from vtc.export.methods.base import Method, Option, Plan
-from vtc.runtime.errors import MethodError
+from torch import nn
+
+from vtc.export.methods.base import InLLMMethod, Option, Plan
 
 
-class FastV(Method):
+class FastV(InLLMMethod):
     name = "fastv"
-    stage = "llm"
     where = "LLM, before layer K (default 2)"
-    reads_prompt = True
+    selector = "fastv"  # vtc.runtime.selectors: runs select.onnx, reports the kept image tokens
     summary = "Keep the image tokens the last prompt token attends to most in layer K-1; layers < K keep the full KV."
     paper = "FastV, arXiv 2403.06764"
     reference = "github.com/pkunlp-icler/FastV @ d165972 (fastv_kvcache.py)"
     options = (Option("layer", int, 2, "K: prune before this LLM layer (1 <= K < num_layers)."),)
-    trims_pre_kv = False  # layers < K keep the full prompt
 
-    def check_lm(self, num_layers: int, plan: Plan) -> None:
-        k = plan.options["layer"]
-        if not 1 <= k < num_layers:
-            raise MethodError(f"fastv layer={k} is outside this model's 1..{num_layers - 1}.",
-                              f"Pass --method-opt layer=N with 1 <= N < {num_layers}.")
+    def extra_graphs(self, plan: Plan, hidden: int) -> dict:
+        from vtc.export.onnx_export import ExportSelect
+
+        return {"select": ExportSelect(SelectGraph(self, plan.n, plan.k), hidden)}
+
+    def reference_graphs(self, plan: Plan) -> dict:
+        from vtc.export.onnx_export import EagerGraph
+
+        return {"select": EagerGraph(SelectGraph(self, plan.n, plan.k), ("hidden_states", "last_attn", "image_start"))}
 
     def select(self, hidden, last_attn, image_start, n: int, k: int):
         """hidden [1, S, D], last_attn [1, S], image_start [1] int64 ->
@@ -51,6 +54,18 @@ class FastV(Method):
         keep = torch.topk(priority, seq - (n - k), sorted=True).indices
         keep = torch.sort(keep).values
         return torch.index_select(hidden, 1, keep), keep[None]
+
+
+class SelectGraph(nn.Module):
+    """select.onnx: hidden_states [1, S, D], last_attn [1, S], image_start [1] ->
+    (kept_hidden_states [1, S', D], keep_index [1, S'])."""
+
+    def __init__(self, method: FastV, n: int, k: int):
+        super().__init__()
+        self.method, self.n, self.k = method, n, k
+
+    def forward(self, hidden_states, last_attn, image_start):
+        return self.method.select(hidden_states, last_attn, image_start, self.n, self.k)
 
 
 METHOD = FastV()

@@ -11,6 +11,7 @@ class NoCompression(Method):
     name = "none"
     where = "-"
     summary = "Keep all N visual tokens (the uncompressed model)."
+    compresses = False
 
     def feasible_k(self, spec, ratio, options) -> int:
         return spec.num_tokens

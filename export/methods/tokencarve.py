@@ -21,21 +21,19 @@ transcription test of the reference too.
 
 from __future__ import annotations
 
-from vtc.export.methods.base import Method, Option, Plan, budget
+from vtc.export.methods.base import InLLMMethod, Option, budget
 from vtc.runtime.errors import MethodError
 
 
-class TokenCarve(Method):
+class TokenCarve(InLLMMethod):
     name = "tokencarve"
-    stage = "llm"
     where = "LLM, at work layer W (default 2)"
-    reads_prompt = True
+    selector = "tokencarve"  # vtc.runtime.selectors: exact float64 IPGS in numpy; trims layers < W too
     summary = "Attention + SVD ranks (Borda), keep 1.5T, merge similar down to T; layers < W trimmed too."
     paper = "TokenCarve, arXiv 2503.10501"
     reference = "github.com/ShawnTan86/TokenCarve @ a57bd59 (modeling_llama.py)"
     options = (Option("layer", int, 2, "W: the work layer (1 <= W < num_layers); scores come from layer W-1."),
                Option("weight", float, 0.5, "w: weight of the attention ranking (1-w: SVD ranking), 0..1."))
-    trims_pre_kv = True
 
     def feasible_k(self, spec, ratio, options) -> int:
         if not 0.0 <= options["weight"] <= 1.0:
@@ -46,12 +44,6 @@ class TokenCarve(Method):
             raise MethodError(f"tokencarve keeps 1.5*T image tokens before merging; T={t} needs {int(1.5 * t)} of "
                               f"{spec.num_tokens}.", f"Use --ratio {limit / spec.num_tokens:.3f} or lower (T <= {limit}).")
         return t
-
-    def check_lm(self, num_layers: int, plan: Plan) -> None:
-        w = plan.options["layer"]
-        if not 1 <= w < num_layers:
-            raise MethodError(f"tokencarve layer={w} is outside this model's 1..{num_layers - 1}.",
-                              f"Pass --method-opt layer=N with 1 <= N < {num_layers}.")
 
 
 METHOD = TokenCarve()

@@ -102,29 +102,28 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r
     return new_x, new_size, torch.cat([pos_a, pos_b])[interleave]
 
 
-def prop_attention(attn, h: torch.Tensor, size: torch.Tensor):
-    """HF CLIPAttention (eager math) plus log(size) on the logits. h [1, T, Dv], size [T, 1] ->
-    (out [1, T, Dv], keys [1, H, T, Dh])."""
-    t = h.shape[1]
-    shape = (1, t, attn.num_heads, attn.head_dim)
-    q, k, v = (p(h).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    logits = torch.matmul(q, k.transpose(-1, -2)) * attn.scale + size.log().view(1, 1, 1, t)  # [1, H, T, T]
+def prop_attention(block, x: torch.Tensor, size: torch.Tensor):
+    """The block's attention (HF eager math) plus log(size) on the logits (ToMe's proportional
+    attention). x [1, T, Dv] block input, size [T, 1] -> (out [1, T, Dv], keys [1, H, T, Dh])."""
+    t = x.shape[1]
+    q, k, v = block.qkv(x)  # [1, H, T, Dh]
+    logits = torch.matmul(q, k.transpose(-1, -2)) * block.scale + size.log().view(1, 1, 1, t)  # [1, H, T, T]
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, v).transpose(1, 2).reshape(1, t, -1)  # [1, T, Dv]
-    return attn.out_proj(out), k
+    out = torch.matmul(probs, v).transpose(1, 2).reshape(1, t, -1)  # [1, T, H*Dh]
+    return block.attn_out(out), k
 
 
-def tome_block(layer, x: torch.Tensor, size: torch.Tensor, r: int):
-    """ToMeBlock.forward on a CLIP encoder layer. x [1, T, Dv], size [T, 1] ->
-    (x [1, T-r, Dv], size [T-r, 1], new_pos [T])."""
-    out, keys = prop_attention(layer.self_attn, layer.layer_norm1(x), size)
+def tome_block(block, x: torch.Tensor, size: torch.Tensor, r: int):
+    """ToMeBlock.forward on a vision block (vtc.export.models.base.VisionBlock). x [1, T, Dv],
+    size [T, 1] -> (x [1, T-r, Dv], size [T-r, 1], new_pos [T])."""
+    out, keys = prop_attention(block, x, size)
     x = x + out
     if r > 0:
         merged, size, new_pos = bipartite_merge(x[0], size, keys.mean(dim=1)[0], r)
         x = merged[None]
     else:
         new_pos = torch.arange(x.shape[1])
-    return x + layer.mlp(layer.layer_norm2(x)), size, new_pos
+    return block.mlp_residual(x), size, new_pos
 
 
 def order_groups(x: torch.Tensor, token_map: torch.Tensor):
@@ -146,13 +145,11 @@ class ToMe(Method):
     reference = "github.com/facebookresearch/ToMe @ af95e4b tome/merge.py"
     options = (Option("r", int, 0, "Tokens merged per block, ToMe's constant schedule (0 = derive from --ratio)."),)
 
+    # ToMe protects the [CLS] token (as the reference does for ViTs with one); token counts differ
+    # between layers, so it reads exactly one feature layer
+    requires = frozenset({"cls_token", "single_feature_layer"})
+
     def feasible_k(self, spec, ratio, options) -> int:
-        if not spec.cls_attention:
-            raise MethodError("tome (as built here) protects the vision [CLS] token and needs an encoder with one.",
-                              "Choose a method that works after the projector, e.g. pool.")
-        if len(spec.feature_layers) != 1:
-            raise MethodError("tome needs exactly one vision feature layer (token counts differ between layers).",
-                              "Choose a method that works after the projector.")
         layers, t0 = spec.feature_layers[0], spec.grid[0] * spec.grid[1] + 1
         extra = 0 if spec.has_cls else 1  # "default" drops [CLS] after the encoder
         if options["r"]:
@@ -171,19 +168,18 @@ class ToMe(Method):
         return k
 
     def vision_forward(self, adapter, model, pixel_values, spec, plan: Plan):
-        embeddings, pre_norm, layers, project = adapter.vision_modules(model)
-        x = embeddings(pixel_values)  # [1, T0, Dv]
-        x = pre_norm(x) if pre_norm is not None else x
+        stem = adapter.vision_stem(model)
+        x = stem.embed(pixel_values)  # [1, T0, Dv]
         t0 = x.shape[1]
         size = torch.ones(t0, 1, dtype=x.dtype)  # [T0, 1]
         token_map = torch.arange(t0)  # [T0]: current position of each original token
-        for layer, r in zip(layers, plan.options["schedule"]):
-            x, size, new_pos = tome_block(layer, x, size, int(r))
+        for block, r in zip(stem.blocks, plan.options["schedule"]):
+            x, size, new_pos = tome_block(block, x, size, int(r))
             token_map = new_pos[token_map]
         x, kept, token_map = order_groups(x, token_map)  # [CLS] is group 0
         if spec.has_cls:  # "full"
-            return project(x), kept[None], token_map[None]
-        return project(x[:, 1:]), (kept[1:] - 1)[None], (token_map[1:] - 1)[None]
+            return stem.project(x), kept[None], token_map[None]
+        return stem.project(x[:, 1:]), (kept[1:] - 1)[None], (token_map[1:] - 1)[None]
 
 
 METHOD = ToMe()

@@ -119,7 +119,7 @@ def visionzip_select(attn: torch.Tensor, states: torch.Tensor, metric: torch.Ten
 class VisionZip(Method):
     name = "visionzip"
     where = "vision encoder (feature layer)"
-    needs_cls_attention = True
+    requires = frozenset({"cls_token"})
     summary = "Dominant tokens by [CLS] attention plus contextual tokens merged by key similarity."
     paper = "VisionZip, arXiv 2412.04467"
     reference = "github.com/dvlab-research/VisionZip @ 3151f6d visionzip/clip_encoder.py"

@@ -1,5 +1,11 @@
 """What every architecture adapter provides, and the loading rules they share.
 
+The contract (`Adapter`): everything that differs between architectures lives in the adapter: loading,
+visual/LM specs, the export path's and the reference's visual features, the vision blocks as methods see
+them (`VisionBlock`), the LLM over a static cache, positions, and the tokenizer facts the runtime needs.
+Methods declare what they need from the vision side (`VisualSpec.capabilities`) and never touch
+architecture-specific modules.
+
 Loading rules (all adapters): local directory only, safetensors only (pickled `*.bin` weights are
 refused), `trust_remote_code=False`, float32 on CPU, eager attention (the reference math).
 """
@@ -29,9 +35,51 @@ class VisualSpec:
     # so l layers run); () = unknown. Methods inside the encoder (ToMe) plan their schedule from it.
     feature_layers: tuple[int, ...] = ()
 
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What this vision side offers the methods (a method's `requires` must be a subset; see CAPABILITIES)."""
+        caps = {"patch_grid"}
+        if self.cls_attention:
+            caps.add("cls_token")
+        if len(self.feature_layers) == 1:
+            caps.add("single_feature_layer")
+        return frozenset(caps)
+
+
+# What each capability means, for the error a method that needs it gives on a model without it.
+CAPABILITIES = {
+    "patch_grid": "visual tokens on a row-major patch grid",
+    "cls_token": "a vision [CLS] token whose attention ranks the patches",
+    "single_feature_layer": "visual tokens from exactly one encoder layer",
+}
+
 
 # The LM's cache-sizing shapes: the same record the manifest stores (runtime.manifest.LMInfo).
 LMSpec = LMInfo
+
+
+class VisionBlock:
+    """One vision-encoder block as the methods see it, whatever the architecture calls its parts.
+
+    The adapter wraps its encoder's blocks in a subclass (CLIP/SigLIP: vtc.export.models.clip). Methods
+    that read attention (cls-attn, VisionZip) or run the blocks themselves (ToMe) use only this.
+    """
+
+    num_heads: int
+    head_dim: int
+    scale: float  # attention logits scale (1/sqrt(head_dim) for CLIP/SigLIP)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block input x [1, T, Dv] -> (q, k, v), each [1, H, T, Dh], after the block's pre-norm."""
+        raise NotImplementedError
+
+    def attn_out(self, o: torch.Tensor) -> torch.Tensor:
+        """Attention output o [1, T, H*Dh] -> [1, T, Dv] (the output projection)."""
+        raise NotImplementedError
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """x [1, T, Dv] after the attention residual -> the block's output (x + MLP(norm(x)))."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -41,14 +89,14 @@ class VisualFeatures:
     embeds       [1, N, D]      projected visual tokens (what the LM sees uncompressed)
     states       [1, 1+Np, Dv]  feature-layer hidden states, [CLS] at 0 when the encoder has one
     block_input  [1, 1+Np, Dv]  input of the encoder block that produces the feature layer
-    block        that block (layer_norm1, self_attn.{q,k,v}_proj, num_heads, head_dim, scale)
+    block        that block (a VisionBlock)
     project      the projector, [1, M, Dv] -> [1, M, D]
     """
 
     embeds: torch.Tensor
     states: torch.Tensor | None = None
     block_input: torch.Tensor | None = None
-    block: nn.Module | None = None
+    block: VisionBlock | None = None
     project: object = None
     _cls_attn: torch.Tensor | None = None
 
@@ -63,15 +111,89 @@ class VisualFeatures:
     def attention_probs(self, rows: slice = slice(None)) -> torch.Tensor:
         """[1, H, R, 1+Np] softmax(q k^T * scale) of `block` for the query rows `rows` (fp32)."""
         q, k = self.queries_keys()
-        return torch.softmax(torch.matmul(q[:, :, rows], k.transpose(-1, -2)) * self.block.self_attn.scale,
+        return torch.softmax(torch.matmul(q[:, :, rows], k.transpose(-1, -2)) * self.block.scale,
                              dim=-1, dtype=torch.float32)
 
     def queries_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([1, H, 1+Np, Dh], [1, H, 1+Np, Dh]): `block`'s queries and keys, as its attention computes them."""
-        attn = self.block.self_attn
-        h = self.block.layer_norm1(self.block_input)
-        shape = (1, h.shape[1], attn.num_heads, attn.head_dim)
-        return (attn.q_proj(h).view(shape).transpose(1, 2), attn.k_proj(h).view(shape).transpose(1, 2))
+        q, k, _ = self.block.qkv(self.block_input)
+        return q, k
+
+
+@dataclass(frozen=True)
+class VisionStem:
+    """The vision side as separate parts, for methods that run the encoder themselves (ToMe).
+
+    embed    pixel_values [1, 3, H, W] -> tokens [1, T0, Dv] (patch + position embeddings, pre-norm)
+    blocks   the encoder blocks up to the feature layer, as VisionBlocks
+    project  the projector, [1, M, Dv] -> [1, M, D]
+    """
+
+    embed: object
+    blocks: tuple
+    project: object
+
+
+class Adapter:
+    """Everything that differs between VLM architectures. One subclass per module in vtc.export.models.
+
+    A new architecture implements the methods below and registers its module's `ADAPTER` under its
+    `model_type`; nothing else in vtc names an architecture.
+    """
+
+    model_type: str = ""
+    display_name: str = ""
+    image_token: str = "<image>"
+    # transformers' AutoTokenizer ignores this architecture's declared tokenizer_class and uses
+    # tokenizer.json as is (its MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS); recorded in the manifest
+    tokenizer_as_is: bool = False
+    rope: str = "1d"  # the LLM's position scheme (vtc.runtime.positions); recorded in the manifest
+
+    # -- loading and shapes ----------------------------------------------------------------------
+    def load(self, checkpoint_dir: Path) -> nn.Module:
+        raise NotImplementedError
+
+    def visual_spec(self, model) -> VisualSpec:
+        raise NotImplementedError
+
+    def lm_spec(self, model) -> LMSpec:
+        raise NotImplementedError
+
+    def image_token_id(self, model) -> int:
+        raise NotImplementedError
+
+    def image_size(self, model) -> int:
+        raise NotImplementedError
+
+    # -- modules the export traces -----------------------------------------------------------------
+    def static_cache_lm(self, model, layers: tuple[int, int] | None = None, kv=None):
+        """The LLM (or the segment over `layers`) over a runtime-owned cache: vtc.export.llm.StaticCacheLM."""
+        raise NotImplementedError
+
+    def embed_table(self, model) -> torch.Tensor:
+        """[V, D]: the runtime gathers text embeddings from this table."""
+        raise NotImplementedError
+
+    def visual_features(self, model, pixel_values: torch.Tensor) -> VisualFeatures:
+        """The export path's visual features (traced into vision.onnx)."""
+        raise NotImplementedError
+
+    def vision_stem(self, model) -> VisionStem:
+        raise NotImplementedError
+
+    # -- the reference (HF public API) -----------------------------------------------------------
+    def reference_features(self, model, pixel_values: torch.Tensor) -> VisualFeatures:
+        """`visual_features` with `embeds` (and [CLS] attention, if any) taken from HF's public API, so
+        the export path's own encoder walk and attention math are checked, not assumed."""
+        raise NotImplementedError
+
+    def reference_generate_inputs(self, model, before: list[int], after: list[int], pixel_values) -> dict:
+        """The kwargs of HF `generate` for the uncompressed prompt, exactly as a transformers user calls it."""
+        raise NotImplementedError
+
+    def position_ids(self, seq: int) -> torch.Tensor:
+        """[1, seq] positions of a prompt of `seq` tokens (1-D RoPE)."""
+        return torch.arange(seq)[None]
 
 
 def check_weights(checkpoint_dir: Path) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from vtc.export.llm import StaticCacheLM
-from vtc.export.models.base import LMSpec, VisualFeatures, VisualSpec, load_hf
+from vtc.export.models.base import Adapter, LMSpec, VisionStem, VisualFeatures, VisualSpec, load_hf
+from vtc.export.models.clip import ClipBlock
 from vtc.runtime.errors import ModelError
 
 
@@ -22,10 +23,11 @@ def _positive_layers(layer, num_layers: int) -> list[int]:
     return [x if x >= 0 else num_layers + 1 + x for x in layers]
 
 
-class LlavaAdapter:
+class LlavaAdapter(Adapter):
     model_type = "llava"
     display_name = "LLaVA-1.5 (LlavaForConditionalGeneration: CLIP/SigLIP + MLP projector + Llama-family LM)"
     image_token = "<image>"
+    tokenizer_as_is = True  # AutoTokenizer uses tokenizer.json whatever tokenizer_class says (llava, llava_next, vipllava)
 
     def load(self, checkpoint_dir: Path):
         from transformers import LlavaForConditionalGeneration
@@ -76,7 +78,7 @@ class LlavaAdapter:
         maps, keys etc. of the feature block are computed only if a method asks (VisualFeatures).
         """
         cfg = model.config
-        vm = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)  # 5.x flattened CLIP
+        vm = _vision_model(model)
         layers = vm.encoder.layers
         feat_layers = _positive_layers(cfg.vision_feature_layer, len(layers))
         h = vm.embeddings(pixel_values)  # [1, 1+N, Dv]
@@ -94,13 +96,46 @@ class LlavaAdapter:
         project = model.model.multi_modal_projector
         embeds = project(torch.cat(selected, dim=-1))  # [1, N, D]
         return VisualFeatures(embeds=embeds, states=states[feat_layers[0]], block_input=block_input,
-                              block=layers[feat_layers[0] - 1], project=project)
+                              block=ClipBlock(layers[feat_layers[0] - 1]), project=project)
 
-    def vision_modules(self, model):
-        """(embeddings, pre_norm or None, encoder layers, projector): for methods that run the encoder
-        themselves (ToMe merges inside every block)."""
-        vm = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
-        return vm.embeddings, getattr(vm, "pre_layrnorm", None), vm.encoder.layers, model.model.multi_modal_projector
+    def vision_stem(self, model) -> VisionStem:
+        vm = _vision_model(model)
+        pre = getattr(vm, "pre_layrnorm", None)
+
+        def embed(pixel_values):
+            h = vm.embeddings(pixel_values)  # [1, 1+N, Dv]
+            return pre(h) if pre is not None else h
+
+        return VisionStem(embed=embed, blocks=tuple(ClipBlock(layer) for layer in vm.encoder.layers),
+                          project=model.model.multi_modal_projector)
+
+    # -- the reference ----------------------------------------------------------------------------
+    def reference_features(self, model, pixel_values: torch.Tensor) -> VisualFeatures:
+        """`embeds` from HF `get_image_features` on the full tower, [CLS] attention from HF
+        `output_attentions=True`; the rest (states, block) from the export path for methods that read them."""
+        cfg = model.config
+        with torch.no_grad():
+            feats = self.visual_features(model, pixel_values)
+            hf = model.model.get_image_features(pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+                                                vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+            feats.embeds = torch.cat(list(hf.pooler_output), 0)[None]
+            if self.visual_spec(model).cls_attention:
+                layer = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, int) else cfg.vision_feature_layer[0]
+                out = model.model.vision_tower(pixel_values, output_attentions=True, return_dict=True)
+                # hidden_states[l] is produced by layer l-1, i.e. attentions[l-1]; for negative l that is attentions[l].
+                att = out.attentions[layer if layer < 0 else layer - 1]
+                feats._cls_attn = att[:, :, 0, 1:].float().mean(dim=1)
+        return feats
+
+    def reference_generate_inputs(self, model, before: list[int], after: list[int], pixel_values) -> dict:
+        """input_ids with the image token repeated N times, as LlavaProcessor expands it, and the pixels."""
+        n = self.visual_spec(model).num_tokens
+        ids = torch.tensor([before + [self.image_token_id(model)] * n + after])
+        return {"input_ids": ids, "pixel_values": pixel_values, "attention_mask": torch.ones_like(ids)}
+
+
+def _vision_model(model):
+    return getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)  # 5.x flattened CLIP
 
 
 ADAPTER = LlavaAdapter()
