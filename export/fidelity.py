@@ -21,27 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from vtc.runtime.images import fidelity_images  # the sweep's default images
+
 DEFAULT_PROMPTS = ("What shapes do you see in the picture?", "Describe the image in detail.")
-
-
-def fidelity_images(size: int = 336) -> list:
-    """Three deterministic synthetic images: shapes, a checkerboard with a disc, smooth colour noise."""
-    from PIL import Image, ImageDraw
-
-    from vtc.runtime.profiler import pattern_image
-
-    board = Image.new("RGB", (size, size), (255, 255, 255))
-    d = ImageDraw.Draw(board)
-    cell = size // 8
-    for r in range(8):
-        for c in range(8):
-            if (r + c) % 2:
-                d.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1], fill=(30, 30, 30))
-    d.ellipse([size * 0.3, size * 0.3, size * 0.7, size * 0.7], fill=(240, 200, 20))
-    rng = np.random.default_rng(0)
-    coarse = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
-    noise = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
-    return [pattern_image(size), board, noise]
 
 
 @dataclass

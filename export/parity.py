@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from vtc.export.reference import Reference, reference_generate
 from vtc.runtime.errors import ParityError
+from vtc.runtime.images import gradient_image
 from vtc.runtime.pipeline import VLM, Prompt
 
 COSINE_MIN = 0.9999
@@ -38,14 +38,6 @@ def compare(actual: np.ndarray, expected: np.ndarray, tol: tuple = (COSINE_MIN, 
     limit = tol[1] * max(1.0, float(np.abs(e).max()) if e.size else 1.0)
     return {"max_abs": max_abs, "cosine": cos, "tolerance_max_abs": limit, "cosine_min": tol[0],
             "ok": bool(cos >= tol[0] and max_abs <= limit)}
-
-
-def parity_image(size: int, seed: int = 0) -> Image.Image:
-    """A deterministic, tie-free test image (smooth gradients plus seeded noise)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    base = np.stack([x, y, (x + y) / 2], -1) * 160 + rng.integers(0, 90, (size, size, 3))
-    return Image.fromarray(base.clip(0, 255).astype(np.uint8))
 
 
 def _teacher_forced_logits(vlm: VLM, prompt: Prompt, image_embeds: np.ndarray, tokens: list[int]) -> list:
@@ -75,7 +67,7 @@ def check(artifact_dir: Path, adapter, model, method, plan, spec, max_new_tokens
     has_template = vlm.manifest.text.chat_template is not None
     prompt = vlm.prepare_prompt(prompt_text if has_template else f"{vlm.manifest.model.image_token}\n{prompt_text}",
                                 raw=not has_template)
-    pixels = vlm.prepare_image(parity_image(vlm.preprocessor.output_hw[0]))
+    pixels = vlm.prepare_image(gradient_image(vlm.preprocessor.output_hw[0]))
     ref = reference_generate(adapter, model, method, plan, spec, torch.from_numpy(pixels), prompt.before,
                              prompt.after, max_new_tokens)
     image_embeds, _, _ = vlm.encode_image(pixels)
@@ -94,7 +86,7 @@ def check(artifact_dir: Path, adapter, model, method, plan, spec, max_new_tokens
         selection["ok"] = True
     ok = (vision["ok"] and prefill["ok"] and decode["ok"] and selection["ok"]
           and (quantized or tokens["equal"] or tokens.get("near_tie", False)))
-    return {"ok": bool(ok), "new_tokens": max_new_tokens, "prompt": prompt_text, "image": "parity_image(seed=0)",
+    return {"ok": bool(ok), "new_tokens": max_new_tokens, "prompt": prompt_text, "image": "gradient_image(seed=0)",
             "text_tokens": prompt.num_text, "kv_dtype": kv_dtype,
             "graphs": {"vision": vision, "llm_prefill": prefill, "llm_decode": decode}, "selection": selection,
             "greedy_tokens": tokens, "tolerance": {"cosine_min": tol[0], "rel_max_abs": tol[1]}}

@@ -1,12 +1,10 @@
-"""Terminal output for `inspect`, `list` and `verify` (rich tables)."""
+"""Terminal output for `inspect`, `list`, `verify` and `lint` (rich tables)."""
 
 from __future__ import annotations
 
 from rich.table import Table
 
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+from vtc.runtime.units import format_bytes
 
 
 def print_manifest(console, m) -> None:
@@ -15,7 +13,7 @@ def print_manifest(console, m) -> None:
     console.print(f"compression: {c.method} ratio {c.ratio:g} -> {c.k_visual} of {c.n_visual} visual tokens "
                   f"(grid {c.grid[0]}x{c.grid[1]}) options {c.options}")
     console.print(f"text budget {t.budget} tokens, max sequence {t.max_seq_len}; KV cache {kv.dtype}: "
-                  f"{kv.bytes_per_token} B/token, {_mib(kv.bytes_total)} at max length")
+                  f"{kv.bytes_per_token} B/token, {format_bytes(kv.bytes_total, 'MiB')} at max length")
     if kv.scales:
         console.print(f"KV scales: {kv.scales} ({kv.scale_source}); layers kept fp16: {kv.fallback_layers or 'none'}")
     if kv.accuracy:
@@ -25,8 +23,8 @@ def print_manifest(console, m) -> None:
                       f"{100 * a['greedy_agreement_mean']:.1f}%, identical sequences {a['greedy_sequences_identical']}")
     text = m.parity.get("text_tokens", t.budget) if m.parity else t.budget
     used, full = prompt_kv_bytes(m, text)
-    console.print(f"KV after prefill of a {text}-token prompt (the build's parity prompt): {used / 1024:.1f} KiB; "
-                  f"the same prompt uncompressed with an fp16 cache: {full / 1024:.1f} KiB ({100 * used / full:.1f}%)")
+    console.print(f"KV after prefill of a {text}-token prompt (the build's parity prompt): {format_bytes(used, 'KiB')}; "
+                  f"the same prompt uncompressed with an fp16 cache: {format_bytes(full, 'KiB')} ({100 * used / full:.1f}%)")
     table = Table(title="graphs", show_lines=False)
     for col in ("graph", "file", "inputs", "outputs"):
         table.add_column(col)
@@ -39,7 +37,7 @@ def print_manifest(console, m) -> None:
     files.add_column("size", justify="right")
     files.add_column("sha256")
     for name, meta in m.files.items():
-        files.add_row(name, _mib(meta["bytes"]), meta["sha256"][:16])
+        files.add_row(name, format_bytes(meta["bytes"], "MiB"), meta["sha256"][:16])
     console.print(files)
     if m.parity:
         print_parity(console, m.parity)
@@ -90,3 +88,17 @@ def print_list(console) -> None:
         tab.add_row(m.name, m.where, "yes" if m.reads_prompt else "no", opts,
                     "\n".join(x for x in (m.paper, m.reference) if x and x != "-") or "-", m.summary)
     console.print(tab)
+
+
+def print_lint(console, report, verbose: bool = False) -> None:
+    """A vtc.export.lint report: the verdict line, then the errors (verbose: every finding and its source)."""
+    src = report.source
+    status = "[green]ok[/]" if report.ok else f"[red]{len(report.errors)} error(s)[/]"
+    console.print(f"TensorRT {report.tensorrt_version} lint of {', '.join(report.graphs)}: {status}, "
+                  f"{len(report.warnings)} warning(s) [dim](rules: {src['repository']} {src['path']} @ "
+                  f"{src['commit'][:12]})[/]")
+    for f in report.findings if verbose else report.errors:
+        color = "red" if f.level == "error" else "yellow"
+        console.print(f"  [{color}]{f.level}[/] {f.line()}", highlight=False)
+        if verbose and f.source:
+            console.print(f"      [dim]source: {f.source}[/]", highlight=False)

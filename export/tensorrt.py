@@ -81,27 +81,31 @@ def require_polygraphy() -> None:
 
 
 def require_tensorrt():
-    """The tensorrt module, or a BackendError saying what to install (nothing else is attempted)."""
+    """The tensorrt module, or a BackendError saying what to install (nothing else is attempted): Polygraphy
+    first, then vtc.runtime.trt_backend's TensorRT check with the exporter's install hint."""
+    from vtc.runtime.trt_backend import import_tensorrt
+
     require_polygraphy()
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError) as e:  # OSError: bindings present, libnvinfer missing
-        raise BackendError(f"TensorRT is not importable on this host ({e}).", INSTALL_TRT) from e
-    return trt
+    return import_tensorrt("TensorRT is not importable on this host", INSTALL_TRT)
 
 
 def check_backend(backend: str, options: dict) -> EngineOptions | None:
-    """Validate `build --backend ...` before any export work; TensorRT must import for `tensorrt`."""
+    """Validate `build --backend ...` and its engine options once, before any export work: the options
+    (only the flags the user gave) apply to --backend tensorrt only, and TensorRT must import for it."""
     if backend not in BACKENDS:
         raise UsageError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}.", "Pass --backend tensorrt.")
-    unknown = sorted(set(options) - set(EngineOptions.__dataclass_fields__))
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(EngineOptions.__dataclass_fields__))
     if unknown:
         raise UsageError(f"unknown TensorRT build options {unknown}.", "Known: " + ", ".join(EngineOptions.__dataclass_fields__))
-    opts = EngineOptions(**options).validate()
-    if backend == "tensorrt":
-        require_tensorrt()
-        return opts
-    return None
+    if backend != "tensorrt":
+        if given:
+            flags = ", ".join(f"--{k.replace('_gb', '').replace('_', '-')}" for k in given)
+            raise UsageError(f"{flags} only apply with --backend tensorrt.", "Add --backend tensorrt, or drop them.")
+        return None
+    opts = EngineOptions(**given).validate()
+    require_tensorrt()
+    return opts
 
 
 # -- profiles --------------------------------------------------------------------------------------
@@ -284,8 +288,48 @@ def lint_step(directory: Path, graphs: dict, backend: str, step):
     return report
 
 
-def engine_step(directory: Path, graphs: dict, backend: str, options: dict, step):
-    """For --backend tensorrt: build the engines into the build's temporary directory."""
-    if backend != "tensorrt":
+def engine_step(directory: Path, graphs: dict, options: EngineOptions | None, step):
+    """For --backend tensorrt (options validated by check_backend): build the engines into the build's
+    temporary directory. None for an ONNX Runtime build."""
+    if options is None:
         return None
-    return build_engines(directory, graphs, EngineOptions(**options).validate(), step)
+    return build_engines(directory, graphs, options, step)
+
+
+# -- engines for an existing artifact (vtc-export engine) -----------------------------------------
+def build_engines_in_place(art: Path, options: EngineOptions, step):
+    """`vtc-export engine`: lint, build into art/.engines.partial-*, then swap in art/engines and rewrite
+    the manifest last (atomically, os.replace): an interrupted build leaves the artifact as it was."""
+    import dataclasses
+    import os
+    import shutil
+    import tempfile
+    import time
+
+    from vtc.export.lint import lint_graphs
+    from vtc.runtime import manifest as mf
+
+    m = mf.load(art, check_files=True)
+    with step("checking the graphs against TensorRT's ONNX parser support (lint)"):
+        lint_graphs(art, m.graphs).raise_if_errors()
+    tmp = Path(tempfile.mkdtemp(prefix=".engines.partial-", dir=art))
+    staged = art / (mf.MANIFEST + ".partial")
+    old = art / f".{ENGINE_DIR}.old-{time.strftime('%H%M%S')}"
+    try:
+        info = build_engines(art, m.graphs, options, step, out_dir=tmp)
+        files = {k: v for k, v in m.files.items() if not k.startswith(ENGINE_DIR + "/")}
+        for p in sorted(tmp.iterdir()):
+            files[f"{ENGINE_DIR}/{p.name}"] = {"sha256": mf.sha256_file(p), "bytes": p.stat().st_size}
+        staged.write_text(dataclasses.replace(m, engines=info, files=files).to_json())
+        if (art / ENGINE_DIR).exists():
+            (art / ENGINE_DIR).rename(old)
+        tmp.rename(art / ENGINE_DIR)
+        os.replace(staged, art / mf.MANIFEST)  # last: the manifest names only files that are in place
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        staged.unlink(missing_ok=True)
+        if old.exists() and not (art / ENGINE_DIR).exists():
+            old.rename(art / ENGINE_DIR)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return info

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vtc.runtime.errors import BackendError, InputError
+from vtc.runtime.errors import BackendError, InputError, UsageError
 from vtc.runtime.manifest import GraphSpec
 
 ONNX_FLOAT8E4M3FN = 17  # onnx.TensorProto.FLOAT8E4M3FN (the runtime does not import onnx)
@@ -144,10 +144,15 @@ class OrtBackend:
                 "threads": self.threads or "default", **({"fallback": self.fallback} if self.fallback else {})}
 
 
-def get_backend(name: str = "onnxruntime", **kwargs):
+def get_backend(name: str = "onnxruntime", threads: int | None = None, provider: str = "cpu", **kwargs):
+    """The runtime backend `name` (`run --backend/--threads/--provider`): onnxruntime with `threads` intra-op
+    threads on ONNX Runtime's execution `provider` (its `fallback` says why it left the one asked for), or
+    tensorrt: the artifact's engines, which have neither threads nor providers (threads is ignored)."""
     if name in ("onnxruntime", "ort"):
-        return OrtBackend(**kwargs)
+        return OrtBackend(threads=threads, provider=provider, **kwargs)
     if name == "tensorrt":
+        if provider not in (None, "cpu"):
+            raise UsageError("--provider selects ONNX Runtime's execution provider.", "Drop it with --backend tensorrt.")
         from vtc.runtime.trt_backend import TrtBackend
 
         return TrtBackend(**kwargs)

@@ -88,27 +88,15 @@ class ProfileConfig:
                 raise UsageError(f"{name} must be at least {low} (got {v}).", f"Pass {name} {max(low, 1)} or more.")
 
 
-def pattern_image(size: int = 336):
-    """A deterministic test pattern (shapes on a light background) for profiling without an image file."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (size, size), (236, 236, 228))
-    d = ImageDraw.Draw(img)
-    s = size / 336
-    d.ellipse([30 * s, 40 * s, 140 * s, 150 * s], fill=(220, 40, 40))
-    d.rectangle([180 * s, 50 * s, 300 * s, 160 * s], fill=(40, 90, 220))
-    d.polygon([(60 * s, 300 * s), (160 * s, 190 * s), (260 * s, 300 * s)], fill=(40, 170, 70))
-    return img
-
-
 def open_artifact(artifact_dir: Path, cfg: ProfileConfig) -> tuple:
     """(VLM, image): loads and checks everything a profile needs (artifact, image, prompt, room)."""
     from vtc.runtime.backend import get_backend
+    from vtc.runtime.images import shapes_image
     from vtc.runtime.pipeline import VLM
     from vtc.runtime.preprocess import load_image
 
     vlm = VLM(Path(artifact_dir), backend=get_backend(threads=cfg.threads))
-    image = load_image(cfg.image) if cfg.image else pattern_image()
+    image = load_image(cfg.image) if cfg.image else shapes_image()  # the PATTERN test image
     prompt = vlm.prepare_prompt(cfg.prompt, cfg.raw)  # fails here, once, on a bad prompt
     vlm.check_room(prompt, cfg.max_new_tokens)
     return vlm, image

@@ -42,12 +42,14 @@ KV_INPUT = re.compile(r"past_(key|value)\.(\d+)$")
 
 
 # -- lazy imports ----------------------------------------------------------------------------------
-def import_tensorrt():
+def import_tensorrt(what: str = "the TensorRT backend needs TensorRT, which is not importable here",
+                    fix: str = INSTALL_TRT):
+    """The tensorrt module, or a BackendError "{what} ({the import error})." with `fix`. vtc's one check
+    for a missing TensorRT (vtc.export.tensorrt.require_tensorrt words it for the engine build)."""
     try:
         import tensorrt as trt
     except (ImportError, OSError) as e:  # OSError: Python bindings present, libnvinfer missing
-        raise BackendError(f"the TensorRT backend needs TensorRT, which is not importable here ({e}).",
-                           INSTALL_TRT) from e
+        raise BackendError(f"{what} ({e}).", fix) from e
     return trt
 
 

@@ -1,12 +1,9 @@
-"""Shared fixtures: tiny random LLaVA checkpoints of real HF classes, and artifacts built from them.
-
-Three configs cover multi-head and grouped-query attention (including multi-query), both
-`vision_feature_select_strategy` values and two feature layers. Built once per session.
+"""Shared fixtures: tiny random LLaVA checkpoints of real HF classes (tests.helpers.tiny.TINY), and artifacts
+built from them. Built once per session. Shared non-fixture code lives in tests/helpers/.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -15,19 +12,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from vtc.export.random_llava import RandomLlavaSpec, write_random_llava  # noqa: E402
-
-TINY = {
-    # name: (spec, seed)
-    "mha-default": (RandomLlavaSpec(heads=4, kv_heads=4, strategy="default", feature_layer=-2), 1),
-    "gqa-full": (RandomLlavaSpec(heads=4, kv_heads=2, strategy="full", feature_layer=-2, hidden=96, intermediate=160), 2),
-    "mqa-layer-1": (RandomLlavaSpec(image_size=84, heads=4, kv_heads=1, strategy="default", feature_layer=-1,
-                                    vision_layers=2, layers=3, vocab=300), 3),
-}
-
-
-def nullstep(_label):
-    return contextlib.nullcontext()
+from tests.helpers.builds import nullstep  # noqa: E402
+from tests.helpers.tiny import TINY  # noqa: E402
+from vtc.export.random_llava import write_random_llava  # noqa: E402
 
 
 @pytest.fixture(scope="session")

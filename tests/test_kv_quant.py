@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 
 import numpy as np
 import pytest
 
-from tests.test_parity_generate import PROMPT, _image
+from tests.helpers.builds import nullstep
+from tests.helpers.images import random_image
+from tests.helpers.matrix import KV_MATRIX
+from tests.helpers.parity import PROMPT
 from vtc.export.build import BuildArgs, prepare
 from vtc.runtime.errors import InputError, UsageError
 from vtc.runtime.pipeline import VLM
-from tests.conftest import nullstep
 
 
 @pytest.fixture(scope="module")
 def quant_arts(artifact_factory):
-    return {kv: artifact_factory("gqa-full", "pool", 0.25, kv_cache=kv) for kv in ("fp32", "int8", "fp8", "fp16")}
+    c = KV_MATRIX
+    return {kv: artifact_factory(c.config, c.method, c.ratio, kv_cache=kv) for kv in c.kv_caches}
 
 
-@pytest.mark.parametrize("kv", ["int8", "fp8"])
+@pytest.mark.parametrize("kv", KV_MATRIX.calibrated)
 def test_quantized_accuracy_and_storage(kv, quant_arts):
     m = VLM(quant_arts[kv]).manifest
     acc = m.kv_cache.accuracy
@@ -40,7 +45,7 @@ def test_kv_bytes(quant_arts):
 
 def test_decode_writes_only_the_new_slot(quant_arts):
     vlm = VLM(quant_arts["int8"])
-    prompt, pixels = vlm.prepare_prompt(PROMPT), vlm.prepare_image(_image(3))
+    prompt, pixels = vlm.prepare_prompt(PROMPT), vlm.prepare_image(random_image(3))
     embeds, _, _ = vlm.encode_image(pixels)
     vlm.prefill(prompt, embeds)
     before = [layer.copy() for layer in vlm.cache.layers]
@@ -68,28 +73,25 @@ def test_scales_file_checks(tmp_path, quant_arts, tiny_checkpoints):
     from vtc.export import kvquant
 
     good = quant_arts["int8"] / "kv_scales.json"
-    ctx = prepare(_args(tiny_checkpoints["gqa-full"], kv_cache="int8", kv_scales=str(good)), nullstep, check_output=False)
-    lm = ctx["adapter"].lm_spec(ctx["model"])
-    assert kvquant.plan(tmp_path, _args(tiny_checkpoints["gqa-full"], kv_cache="int8", kv_scales=str(good)), ctx, lm,
-                        nullstep).quant.dtypes[0] == "int8"
+    bp = prepare(_args(tiny_checkpoints["gqa-full"], kv_cache="int8", kv_scales=str(good)), nullstep, check_output=False)
+    assert kvquant.plan(tmp_path, bp, nullstep).quant.dtypes[0] == "int8"
     other_model = prepare(_args(tiny_checkpoints["mha-default"], kv_cache="int8", kv_scales=str(good)), nullstep,
                           check_output=False)
     with pytest.raises(InputError, match="another model"):
-        kvquant.plan(tmp_path, _args(tiny_checkpoints["mha-default"], kv_cache="int8", kv_scales=str(good)), other_model,
-                     other_model["adapter"].lm_spec(other_model["model"]), nullstep)
-    ctx_cls = prepare(_args(tiny_checkpoints["gqa-full"], kv_cache="int8"), nullstep, check_output=False)
-    ctx_cls["plan"] = ctx_cls["plan"].__class__(method="cls-attn", ratio=0.25, n=65, k=16, options={})
+        kvquant.plan(tmp_path, other_model, nullstep)
+    bp_cls = dataclasses.replace(bp, plan=bp.plan.__class__(method="cls-attn", ratio=0.25, n=65, k=16, options={}))
     with pytest.raises(InputError, match="method"):
-        kvquant.plan(tmp_path, _args(tiny_checkpoints["gqa-full"], kv_cache="int8", kv_scales=str(good)), ctx_cls, lm, nullstep)
+        kvquant.plan(tmp_path, bp_cls, nullstep)
     bad = tmp_path / "bad.json"
     data = json.loads(good.read_text())
     data["layers"][0]["k"] = "nope"
     bad.write_text(json.dumps(data))
+    bad_bp = dataclasses.replace(bp, args=_args(tiny_checkpoints["gqa-full"], kv_cache="int8", kv_scales=str(bad)))
     with pytest.raises(InputError, match="malformed|shape"):
-        kvquant.plan(tmp_path, _args(tiny_checkpoints["gqa-full"], kv_cache="int8", kv_scales=str(bad)), ctx, lm, nullstep)
+        kvquant.plan(tmp_path, bad_bp, nullstep)
     bad.write_text("{not json")
     with pytest.raises(InputError, match="JSON"):
-        kvquant.plan(tmp_path, _args(tiny_checkpoints["gqa-full"], kv_cache="int8", kv_scales=str(bad)), ctx, lm, nullstep)
+        kvquant.plan(tmp_path, bad_bp, nullstep)
 
 
 def test_empty_or_bad_calibration_set(tmp_path, tiny_checkpoints):
@@ -115,5 +117,5 @@ def test_empty_or_bad_calibration_set(tmp_path, tiny_checkpoints):
 
 def _png(tmp_path):
     path = tmp_path / "x.png"
-    _image(1).save(path)
+    random_image(1).save(path)
     return path

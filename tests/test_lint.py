@@ -19,19 +19,19 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.helpers.matrix import LINT_CONFIG, LINT_MATRIX, LINT_RATIO, PARITY_MATRIX
 from vtc.export.cli import main
 from vtc.export.lint import RULES_FILE, lint_artifact, lint_model
 
-METHODS = ["none", "pool", "cls-attn", "visionzip", "tome", "divprune", "random", "uniform", "fastv", "tokencarve"]
-IN_LLM = {"fastv", "tokencarve"}
+def method_artifact(artifact_factory, method: str, **kw) -> Path:
+    """The parity matrix's LINT_CONFIG artifact of `method` (same keys: the session builds it once)."""
+    from vtc.export import methods
 
-
-def method_artifact(artifact_factory, method: str) -> Path:
-    """The same keys as the parity tests, so the session builds each artifact once."""
-    if method == "none":
-        return artifact_factory("mha-default", "none")
-    opts = {"method_options": {"layer": "1"}} if method in IN_LLM else {}  # 2-layer tiny LLM: split at 1
-    return artifact_factory("mha-default", method, 0.25, **opts)
+    if not methods.get(method).compresses:
+        return artifact_factory(LINT_CONFIG, method, **kw)
+    case = next(c for c in PARITY_MATRIX if (c.config, c.method, c.ratio) == (LINT_CONFIG, method, LINT_RATIO))
+    opts = {"method_options": dict(case.options)} if case.options else {}  # 2-layer tiny LLM: split at 1
+    return artifact_factory(LINT_CONFIG, method, LINT_RATIO, **kw, **opts)
 
 
 def kv_dtypes() -> list:
@@ -46,7 +46,7 @@ def summary(report) -> str:
 
 
 # -- every method, every KV dtype ------------------------------------------------------------------
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", LINT_MATRIX)
 def test_every_method_passes_lint(method, artifact_factory):
     report = lint_artifact(method_artifact(artifact_factory, method))
     assert report.ok, summary(report)
@@ -67,15 +67,10 @@ def test_every_kv_dtype_passes_lint(kv, artifact_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kv", kv_dtypes())
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", LINT_MATRIX)
 def test_full_matrix_passes_lint(method, kv, artifact_factory):
     """Every method x every KV dtype, each built (make test-all)."""
-    if method == "none":
-        art = artifact_factory("mha-default", "none", kv_cache=kv)
-    else:
-        opts = {"method_options": {"layer": "1"}} if method in IN_LLM else {}
-        art = artifact_factory("mha-default", method, 0.25, kv_cache=kv, **opts)
-    report = lint_artifact(art)
+    report = lint_artifact(method_artifact(artifact_factory, method, kv_cache=kv))
     assert report.ok, summary(report)
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from tests.conftest import TINY
-from tests.test_method_divprune import check_parity
+from tests.helpers.matrix import parity_cases
+from tests.helpers.parity import check_parity
 from vtc.export import methods
 from vtc.export.methods.random import random_subset
 from vtc.export.methods.uniform import stride_indices
@@ -95,12 +95,12 @@ def test_random_full_strategy_keeps_cls():
 
 
 # -- exported artifacts ----------------------------------------------------------------------------
-@pytest.mark.parametrize("name", list(TINY))
-@pytest.mark.parametrize("method", ["uniform", "random"])
-def test_baseline_parity(method, name, tiny_checkpoints, artifact_factory):
+@pytest.mark.parametrize("method,name,ratio",
+                         [(c.method, c.config, c.ratio) for c in parity_cases("uniform", "random")])
+def test_baseline_parity(method, name, ratio, tiny_checkpoints, artifact_factory):
     """ratio 0.25 on every tiny config (the other ratio, with [CLS], is covered by the index tests above
     and by divprune's parity at 0.5: builds are the slow part of this file)."""
-    check_parity(name, method, 0.25, tiny_checkpoints, artifact_factory)
+    check_parity(name, method, ratio, tiny_checkpoints, artifact_factory)
 
 
 # -- bad input -------------------------------------------------------------------------------------

@@ -9,12 +9,12 @@ again) only shows on duplicated tokens and is pinned down by `test_duplicates_*`
 
 from __future__ import annotations
 
-import onnx
 import pytest
 import torch
 
-from tests.conftest import TINY
-from tests.test_parity_generate import NEW_TOKENS, PROMPT, _image
+from tests.helpers.graphs import vision_graph_ops
+from tests.helpers.matrix import parity_cases
+from tests.helpers.parity import check_parity
 from vtc.export import methods
 from vtc.export.methods.base import Plan, gather_sorted
 from vtc.export.methods.divprune import greedy_max_min
@@ -23,7 +23,6 @@ from vtc.runtime.errors import MethodError
 from vtc.runtime.pipeline import VLM
 
 METHOD = methods.get("divprune")
-FORBIDDEN_OPS = {"NonZero", "ScatterND", "ScatterElements", "Scatter", "Loop", "If"}
 
 
 def reference_divprune(feats: torch.Tensor, k: int, check_ties: bool = True) -> torch.Tensor:
@@ -110,55 +109,7 @@ def test_full_strategy_cls_competes_like_any_token():
 
 
 # -- exported artifacts ----------------------------------------------------------------------------
-def vision_graph_ops(art) -> list:
-    return list(onnx.load(str(art / "vision.onnx"), load_external_data=False).graph.node)
-
-
-def assert_static_friendly(nodes) -> None:
-    """No data-dependent or scatter ops, no Loop; every TopK sorted=1."""
-    assert not {n.op_type for n in nodes} & FORBIDDEN_OPS
-    for n in nodes:
-        if n.op_type == "TopK":
-            attrs = {a.name: a.i for a in n.attribute}
-            assert attrs.get("sorted", 1) == 1, n
-
-
-def check_parity(name, method, ratio, tiny_checkpoints, artifact_factory) -> None:
-    """ONNX runtime vs the PyTorch reference (vtc.export.reference): kept indices, token map, 32 greedy
-    tokens; on further images while the reference's tokens are all one token (a non-discriminating check)."""
-    from vtc.export import models
-
-    art = artifact_factory(name, method, ratio)
-    vlm = VLM(art)
-    adapter = models.resolve(tiny_checkpoints[name])
-    model = adapter.load(tiny_checkpoints[name])
-    spec = adapter.visual_spec(model)
-    m = methods.get(method)
-    plan = m.plan(spec, ratio, {})
-    assert plan.k == vlm.manifest.compression.k_visual
-    for image_seed in (11, 12, 13, 14):
-        ref_tokens = _parity_one_image(vlm, adapter, model, m, plan, spec, image_seed)
-        if len(set(ref_tokens)) > 1:
-            break
-    assert len(set(ref_tokens)) > 1, "degenerate reference on every image: the test would not discriminate"
-    assert_static_friendly(vision_graph_ops(art))
-
-
-def _parity_one_image(vlm, adapter, model, m, plan, spec, image_seed: int) -> list[int]:
-    from vtc.export.reference import reference_generate
-
-    prompt, pixels = vlm.prepare_prompt(PROMPT), vlm.prepare_image(_image(image_seed))
-    ref = reference_generate(adapter, model, m, plan, spec, torch.from_numpy(pixels), prompt.before, prompt.after,
-                             NEW_TOKENS)
-    res = vlm.generate_from(pixels, prompt, NEW_TOKENS, ignore_eos=True)
-    assert res.kept_indices == ref.kept_index
-    assert len(set(res.kept_indices)) == plan.k and res.kept_indices == sorted(res.kept_indices)
-    assert res.token_map == ref.token_map
-    assert res.token_ids == ref.tokens
-    return ref.tokens
-
-
-@pytest.mark.parametrize("name,ratio", [(n, 0.25) for n in TINY] + [("gqa-full", 0.5)])
+@pytest.mark.parametrize("name,ratio", [(c.config, c.ratio) for c in parity_cases("divprune")])
 def test_divprune_parity(name, ratio, tiny_checkpoints, artifact_factory):
     check_parity(name, "divprune", ratio, tiny_checkpoints, artifact_factory)
 

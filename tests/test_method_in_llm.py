@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_parity_generate import PROMPT, _image
+from tests.helpers.builds import nullstep
+from tests.helpers.images import random_image
+from tests.helpers.matrix import parity_cases
+from tests.helpers.parity import PROMPT
 from vtc.export import methods, models
 from vtc.export.reference import reference_generate
 from vtc.runtime import selectors
@@ -108,25 +111,19 @@ def test_fastv_matches_reference(n, k):
         assert torch.equal(kept_hidden[0], hidden[keep_ref])
 
 
-def _layer_opt(name: str) -> dict:
-    """Tiny configs with 2 LLM layers can only split at layer 1."""
-    from tests.conftest import TINY
-
-    return {"layer": "1"} if TINY[name][0].layers < 3 else {}
-
-
-@pytest.mark.parametrize("name", ["mha-default", "gqa-full", "mqa-layer-1"])
-@pytest.mark.parametrize("method", ["fastv", "tokencarve"])
-def test_in_llm_parity(name, method, tiny_checkpoints, artifact_factory):
-    opts = _layer_opt(name)
-    art = artifact_factory(name, method, 0.25, method_options=opts)
+@pytest.mark.parametrize("method,name,ratio,opts",
+                         [(c.method, c.config, c.ratio, c.options) for c in parity_cases("fastv", "tokencarve")],
+                         ids=[f"{c.method}-{c.config}-{c.ratio}" for c in parity_cases("fastv", "tokencarve")])
+def test_in_llm_parity(method, name, ratio, opts, tiny_checkpoints, artifact_factory):
+    """opts: tiny configs with 2 LLM layers can only split at layer 1 (the matrix says so)."""
+    art = artifact_factory(name, method, ratio, method_options=dict(opts))
     vlm = VLM(art)
     adapter = models.resolve(tiny_checkpoints[name])
     model = adapter.load(tiny_checkpoints[name])
     spec = adapter.visual_spec(model)
     m = methods.get(method)
-    plan = m.plan(spec, 0.25, dict(opts))
-    prompt, pixels = vlm.prepare_prompt(PROMPT), vlm.prepare_image(_image(5))
+    plan = m.plan(spec, ratio, dict(opts))
+    prompt, pixels = vlm.prepare_prompt(PROMPT), vlm.prepare_image(random_image(5))
     ref = reference_generate(adapter, model, m, plan, spec, torch.from_numpy(pixels), prompt.before, prompt.after, 32)
     res = vlm.generate_from(pixels, prompt, 32, ignore_eos=True)
     assert res.kept_indices == ref.kept_index and len(res.kept_indices) == plan.k
@@ -140,7 +137,6 @@ def test_in_llm_parity(name, method, tiny_checkpoints, artifact_factory):
 def test_in_llm_bad_input(tiny_checkpoints):
     from vtc.export.build import BuildArgs, prepare
     from vtc.runtime.errors import MethodError
-    from tests.conftest import nullstep
 
     ckpt = str(tiny_checkpoints["mha-default"])
     with pytest.raises(MethodError, match="layer=5"):

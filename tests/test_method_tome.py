@@ -14,13 +14,14 @@ import math
 
 import numpy as np
 import pytest
-
-from tests.reference_check import check_against_reference
 import torch
 
-from tests.conftest import TINY
-from tests.test_method_visionzip import _build_steps, _siglip_llava, assert_static_graph
-from tests.test_parity_generate import _image
+from tests.helpers.builds import refused_before_export
+from tests.helpers.graphs import assert_static_graph
+from tests.helpers.images import random_image
+from tests.helpers.matrix import parity_cases
+from tests.helpers.parity import check_against_reference
+from tests.helpers.tiny import TINY, write_siglip_llava
 from vtc.export.methods import tome
 from vtc.export.models.base import VisualSpec
 
@@ -140,12 +141,13 @@ def test_encoder_matches_reference_transcription(name, tiny_checkpoints):
     plan = tome.METHOD.plan(spec, 0.25, {})
     pixels = torch.from_numpy(np.random.default_rng(1).standard_normal((1, 3, 112, 112)).astype(np.float32))
     pixels = pixels[..., : adapter.image_size(model), : adapter.image_size(model)]
-    embeddings, pre_norm, layers, project = adapter.vision_modules(model)
+    stem = adapter.vision_stem(model)
+    layers = [block.layer for block in stem.blocks]  # the HF CLIP layers themselves, for the transcription
     with torch.no_grad():
         embeds, kept, token_map = tome.METHOD.vision_forward(adapter, model, pixels, spec, plan)
-        x, source = reference_tome_encoder(layers, pre_norm(embeddings(pixels)), plan.options["schedule"])
+        x, source = reference_tome_encoder(layers, stem.embed(pixels), plan.options["schedule"])
         x, ref_kept, ref_map = ordered(x, source)
-        ref = project(x[None] if spec.has_cls else x[None, 1:])
+        ref = stem.project(x[None] if spec.has_cls else x[None, 1:])
     drop = int(not spec.has_cls)  # "default": [CLS] (group 0) is not a visual token
     assert kept[0].tolist() == (ref_kept[drop:] - drop).tolist()
     assert token_map[0].tolist() == (ref_map[drop:] - drop).tolist()
@@ -188,11 +190,11 @@ def test_schedules():
     assert (plan.k, plan.options["schedule"]) == (17, [32, 16])
 
 
-@pytest.mark.parametrize("name,ratio", [(n, 0.25) for n in TINY] + [("gqa-full", 0.5)])
+@pytest.mark.parametrize("name,ratio", [(c.config, c.ratio) for c in parity_cases("tome")])
 def test_onnx_equals_pytorch_reference(name, ratio, tiny_checkpoints, artifact_factory):
     art = artifact_factory(name, "tome", ratio)
     assert_static_graph(art / "vision.onnx")
-    out = check_against_reference(art, tiny_checkpoints[name], "tome", ratio, _image(11))
+    out = check_against_reference(art, tiny_checkpoints[name], "tome", ratio, random_image(11))
     ref, plan, vlm = out.ref, out.plan, out.vlm
     assert vlm.manifest.compression.options["schedule"] == plan.options["schedule"]
     assert len(set(ref.tokens)) > 1
@@ -200,10 +202,10 @@ def test_onnx_equals_pytorch_reference(name, ratio, tiny_checkpoints, artifact_f
 
 
 def test_unreachable_budget_is_refused_before_export(tiny_checkpoints, tmp_path):
-    msg = _build_steps(tiny_checkpoints["mha-default"], "tome", 0.1, tmp_path / "out")
+    msg = refused_before_export(tiny_checkpoints["mha-default"], "tome", 0.1, tmp_path / "out")
     assert "at least 16 of 64" in msg
 
 
 def test_no_cls_checkpoint_is_refused_before_export(tmp_path):
-    msg = _build_steps(_siglip_llava(tmp_path / "siglip"), "tome", 0.25, tmp_path / "out")
+    msg = refused_before_export(write_siglip_llava(tmp_path / "siglip"), "tome", 0.25, tmp_path / "out")
     assert "[CLS]" in msg

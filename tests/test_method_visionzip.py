@@ -8,20 +8,18 @@ argmax takes the first maximum (torch's documented rule, as in the reference).
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
-import onnx
 import pytest
-
-from tests.reference_check import check_against_reference
 import torch
 
-from tests.conftest import TINY
-from tests.test_parity_generate import _image
+from tests.helpers.builds import refused_before_export
+from tests.helpers.graphs import assert_static_graph
+from tests.helpers.images import random_image
+from tests.helpers.matrix import parity_cases
+from tests.helpers.parity import check_against_reference
+from tests.helpers.tiny import write_siglip_llava
 from vtc.export.methods import visionzip as vz
 from vtc.export.models.base import VisualSpec
-from vtc.runtime.errors import MethodError
 
 
 def reference_visionzip(attn_weights, hidden_states, metric, dominant_num: int, contextual_num: int):
@@ -119,21 +117,11 @@ def _plan(name, ratio, tiny_checkpoints):
     return adapter, model, spec, m, m.plan(spec, ratio, {})
 
 
-def assert_static_graph(path) -> None:
-    graph = onnx.load(str(path), load_external_data=False)
-    nodes = list(graph.graph.node) + [n for f in graph.functions for n in f.node]
-    ops = {n.op_type for n in nodes}
-    assert not ops & {"NonZero", "ScatterND", "ScatterElements", "Scatter"}, ops
-    for n in nodes:
-        if n.op_type == "TopK":
-            assert all(a.i == 1 for a in n.attribute if a.name == "sorted")
-
-
-@pytest.mark.parametrize("name,ratio", [(n, 0.25) for n in TINY] + [("mha-default", 0.5)])
+@pytest.mark.parametrize("name,ratio", [(c.config, c.ratio) for c in parity_cases("visionzip")])
 def test_onnx_equals_pytorch_reference(name, ratio, tiny_checkpoints, artifact_factory):
     art = artifact_factory(name, "visionzip", ratio)
     assert_static_graph(art / "vision.onnx")
-    out = check_against_reference(art, tiny_checkpoints[name], "visionzip", ratio, _image(11))
+    out = check_against_reference(art, tiny_checkpoints[name], "visionzip", ratio, random_image(11))
     ref, plan, spec = out.ref, out.plan, out.spec
     assert len(set(ref.tokens)) > 1
     # every visual token lands in an output token; [CLS] is the first dominant token (-1 = not a visual token)
@@ -152,39 +140,12 @@ def test_cls_drop_option_eager(tiny_checkpoints):
     assert sorted(set(token_map[0].tolist())) == list(range(16))
 
 
-def _siglip_llava(path):
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
-
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=56, patch_size=14)
-    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                       num_key_value_heads=2, vocab_size=100)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=4)
-    LlavaForConditionalGeneration(config).save_pretrained(path)
-    return path
-
-
-def _build_steps(model, method, ratio, out, **kw):
-    from vtc.export.build import BuildArgs, build
-
-    steps = []
-
-    def step(label):
-        steps.append(label)
-        return contextlib.nullcontext()
-
-    with pytest.raises(MethodError) as err:
-        build(BuildArgs(model=str(model), method=method, ratio=ratio, output=str(out), **kw), step)
-    assert not any(s.startswith("exporting") for s in steps) and not out.exists()
-    return str(err.value)
-
-
 def test_no_cls_checkpoint_is_refused_before_export(tmp_path):
-    msg = _build_steps(_siglip_llava(tmp_path / "siglip"), "visionzip", 0.25, tmp_path / "out")
+    msg = refused_before_export(write_siglip_llava(tmp_path / "siglip"), "visionzip", 0.25, tmp_path / "out")
     assert "[CLS]" in msg
 
 
 def test_impossible_split_is_refused(tiny_checkpoints, tmp_path):
-    msg = _build_steps(tiny_checkpoints["mqa-layer-1"], "visionzip", 0.25, tmp_path / "out",
-                       method_options={"dominant": "30", "contextual": "10"})
+    msg = refused_before_export(tiny_checkpoints["mqa-layer-1"], "visionzip", 0.25, tmp_path / "out",
+                                method_options={"dominant": "30", "contextual": "10"})
     assert "visionzip cannot make" in msg

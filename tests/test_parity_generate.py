@@ -10,19 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from tests.conftest import TINY
-from tests.reference_check import check_against_reference
+from tests.helpers.images import random_image
+from tests.helpers.matrix import parity_cases
+from tests.helpers.parity import NEW_TOKENS, PROMPT, check_against_reference
 from vtc.runtime.pipeline import VLM
-
-NEW_TOKENS = 32
-PROMPT = "What shapes do you see in the picture?"
-
-
-def _image(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8))
 
 
 def _hf_generate(ckpt, image, n):
@@ -41,10 +33,10 @@ def _hf_generate(ckpt, image, n):
     return seq[0, inputs["input_ids"].shape[1]:].tolist(), inputs
 
 
-@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("name", [c.config for c in parity_cases("none")])
 def test_uncompressed_equals_hf_generate(name, tiny_checkpoints, artifact_factory):
-    art = artifact_factory(name, "none")
-    image = _image(7)
+    art = artifact_factory(name, "none")  # "none" is built without a ratio (its matrix rows say 1.0)
+    image = random_image(7)
     expected, inputs = _hf_generate(tiny_checkpoints[name], image, NEW_TOKENS)
     vlm = VLM(art)
     prompt = vlm.prepare_prompt(PROMPT)
@@ -57,10 +49,10 @@ def test_uncompressed_equals_hf_generate(name, tiny_checkpoints, artifact_factor
     assert len(set(expected)) > 1, "degenerate reference: the test would not discriminate"
 
 
-@pytest.mark.parametrize("name", list(TINY))
-@pytest.mark.parametrize("method", ["pool", "cls-attn"])
-def test_compressed_equals_pytorch_reference(name, method, tiny_checkpoints, artifact_factory):
-    out = check_against_reference(artifact_factory(name, method, 0.25), tiny_checkpoints[name], method, 0.25, _image(11))
+@pytest.mark.parametrize("method,name,ratio", [(c.method, c.config, c.ratio) for c in parity_cases("pool", "cls-attn")])
+def test_compressed_equals_pytorch_reference(method, name, ratio, tiny_checkpoints, artifact_factory):
+    out = check_against_reference(artifact_factory(name, method, ratio), tiny_checkpoints[name], method, ratio,
+                                  random_image(11))
     assert len(set(out.ref.tokens)) > 1
 
 

@@ -172,9 +172,16 @@ def tok_dirs(tmp_path_factory) -> dict:
     return {p.name: p for p in root.iterdir()}
 
 
+def _text(tok_dirs, name: str) -> TextProcessor:
+    """llava_bpe declares LlamaTokenizer, which AutoTokenizer ignores for LLaVA (the adapter's tokenizer_as_is)."""
+    from vtc.export.models.llava import ADAPTER
+
+    return TextProcessor.from_dir(tok_dirs[name], tokenizer_as_is=name == "llava_bpe" and ADAPTER.tokenizer_as_is)
+
+
 @pytest.mark.parametrize("name", ["word", "llava_bpe", "fast_bpe", "bytelevel"])
 def test_text_processor_equals_auto_tokenizer(tok_dirs, name: str) -> None:
-    hf, ours = AutoTokenizer.from_pretrained(str(tok_dirs[name])), TextProcessor.from_dir(tok_dirs[name])
+    hf, ours = AutoTokenizer.from_pretrained(str(tok_dirs[name])), _text(tok_dirs, name)
     assert type(hf).__name__ == "TokenizersBackend"
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
     prompt = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -194,7 +201,7 @@ def test_text_processor_equals_auto_tokenizer(tok_dirs, name: str) -> None:
 
 @pytest.mark.parametrize("name", ["word", "llava_bpe", "bytelevel"])
 def test_stream_decoder_concatenation_equals_decode(tok_dirs, name: str) -> None:
-    ours = TextProcessor.from_dir(tok_dirs[name])
+    ours = _text(tok_dirs, name)
     rng = random.Random(1)
     vocab = ours.tokenizer.get_vocab_size(with_added_tokens=True)
     sequences = [ours.encode(t) for t in TEXTS] + [[rng.randrange(vocab) for _ in range(40)] for _ in range(40)]
@@ -211,9 +218,9 @@ def test_stream_decoder_concatenation_equals_decode(tok_dirs, name: str) -> None
 def test_rebuilt_llama_tokenizer_is_refused(tok_dirs) -> None:
     with pytest.raises(ModelError, match="rebuilt by transformers"):
         TextProcessor.from_dir(tok_dirs["llama_rebuilt"])
-    # an artifact dir without config.json: the caller passes the checkpoint's model_type
-    assert TextProcessor.from_dir(tok_dirs["llama_rebuilt"], model_type="llava").encode("hi") == \
-        TextProcessor.from_dir(tok_dirs["llava_bpe"]).encode("hi")
+    # an architecture whose AutoTokenizer ignores tokenizer_class (LLaVA's adapter: tokenizer_as_is)
+    assert TextProcessor.from_dir(tok_dirs["llama_rebuilt"], tokenizer_as_is=True).encode("hi") == \
+        TextProcessor.from_dir(tok_dirs["llava_bpe"], tokenizer_as_is=True).encode("hi")
 
 
 def test_errors_and_image_token_checks(tok_dirs) -> None:

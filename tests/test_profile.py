@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.jetson_fakes import fake_power_tools, fake_tegrastats
+from tests.helpers.jetson import fake_power_tools, fake_tegrastats
 from vtc.export.cli import main
 from vtc.runtime import profiler
 

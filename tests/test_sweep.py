@@ -30,9 +30,9 @@ def build_spy(monkeypatch) -> list[str]:
     """Names of the variants `build` is called for."""
     calls, real = [], build_mod.build
 
-    def spy(args, step):
+    def spy(args, step, **kw):
         calls.append(Path(args.output).name)
-        return real(args, step)
+        return real(args, step, **kw)
 
     monkeypatch.setattr(build_mod, "build", spy)
     return calls
@@ -152,10 +152,10 @@ def test_sweep_accuracy_columns_and_table(tmp_path, tiny_checkpoints, capsys):
 def test_sweep_methods_all_expands_to_every_compression_method(tmp_path):
     from vtc.export import methods
     from vtc.export.cli import _parser
-    from vtc.export.profile_cmd import sweep_args as parse
+    from vtc.export.commands.args import SweepOptionsArgs
 
     ns = _parser().parse_args(["sweep", "--methods", "all", "--output", str(tmp_path)])
-    assert parse(ns).methods == tuple(m for m in methods.names() if m != "none")
+    assert SweepOptionsArgs().parse(ns).methods == tuple(m for m in methods.names() if m != "none")
 
 
 def test_sweep_bad_eval_dataset_fails_before_writing(tmp_path, capsys):

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.jetson_fakes import fake_power_tools, fake_tegrastats, fixture_lines
+from tests.helpers.jetson import fake_power_tools, fake_tegrastats, fixture_lines
 from vtc.runtime import tegrastats as ts
 
 

@@ -199,7 +199,9 @@ def test_engine_options_are_validated():
         check_backend("onnxruntime", {"fp16": True})
     with pytest.raises(UsageError, match="--backend"):
         check_backend("tvm", {})
-    assert check_backend("onnxruntime", {"precision": "fp32"}) is None
+    with pytest.raises(UsageError, match="--precision only apply with --backend tensorrt"):
+        check_backend("onnxruntime", {"precision": "fp32"})  # validated once, in build.prepare: given flags only
+    assert check_backend("onnxruntime", {"precision": None}) is None
 
 
 def test_loaders_never_import_tensorrt(art, tmp_path):
@@ -279,7 +281,7 @@ def test_runtime_tensorrt_without_tensorrt_is_one_error(art, capsys, argv):
 
 
 def test_tensorrt_runtime_imports_neither_torch_nor_transformers(tmp_path, art):
-    from tests.test_runtime_isolation import run_blocked
+    from tests.helpers.isolation import run_blocked
 
     run_blocked("""
         from vtc.runtime.backend import get_backend

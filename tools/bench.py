@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="where artifacts go (default: the vtc cache)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from vtc.export.commands import quiet_transformers
+    from vtc.export.commands.ui import quiet_transformers
 
     quiet_transformers()
     ckpt = bench_checkpoint()

@@ -76,9 +76,9 @@ def generate(art: Path, backend, runs: int, tokens: int) -> dict:
 
 
 def check_method(args, method: str, root: Path) -> dict:
-    from vtc.export import trt_cmd
+    from vtc.export.compare import TOLERANCES, compare_graph, record_feeds
     from vtc.export.lint import lint_artifact
-    from vtc.export.tensorrt import EngineOptions
+    from vtc.export.tensorrt import EngineOptions, build_engines_in_place
     from vtc.runtime import manifest as mf
     from vtc.runtime.backend import get_backend
     from vtc.runtime.trt_backend import import_cudart
@@ -90,15 +90,15 @@ def check_method(args, method: str, root: Path) -> dict:
     report = lint_artifact(art)
     row["lint"] = "ok" if report.ok else "; ".join(f.line() for f in report.errors[:3])
     t0 = time.perf_counter()
-    info = trt_cmd.build_engines_in_place(art, EngineOptions(precision=args.precision, workspace_gb=args.workspace), quiet)
+    info = build_engines_in_place(art, EngineOptions(precision=args.precision, workspace_gb=args.workspace), quiet)
     row["engine build s"] = time.perf_counter() - t0
     row["engines MiB"] = {g: (art / e["file"]).stat().st_size / 2**20 for g, e in info.graphs.items()}
     m = mf.load(art)
-    atol, rtol = trt_cmd.TOLERANCES[args.precision]
-    feeds = trt_cmd.record_feeds(art, str(IMAGE), PROMPT, decode_steps=2)
+    atol, rtol = TOLERANCES[args.precision]
+    feeds = record_feeds(art, str(IMAGE), PROMPT, decode_steps=2)
     backends, names = [get_backend("onnxruntime"), get_backend("tensorrt")], ["ort", "tensorrt"]
     row["compare"] = [r for g, f in feeds.items()
-                      for r in trt_cmd.compare_graph(art, m.graphs[g], g, f, backends, names, atol, rtol)]
+                      for r in compare_graph(art, m.graphs[g], g, f, backends, names, atol, rtol)]
     ort_run = generate(art, get_backend("onnxruntime"), args.runs, args.tokens)
     trt_run = generate(art, get_backend("tensorrt"), args.runs, args.tokens)
     row["ort"], row["trt"] = ort_run, trt_run

@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tegrastats"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "tegrastats"
 
 
 def fixture_lines(name: str) -> list[str]:

@@ -1,0 +1,60 @@
+"""`vtc-export build`: checkpoint + compression method -> validated ONNX artifact (vtc.export.build)."""
+
+from __future__ import annotations
+
+from vtc.export.commands.args import BuildOptionsArgs, EngineArgs, KvCacheArgs
+from vtc.export.commands.ui import err, out, quiet_transformers, step, subcommand
+
+OPTIONS, KV, ENGINE = BuildOptionsArgs(), KvCacheArgs(), EngineArgs()
+
+
+def add_parser(subparsers):
+    p = subcommand(subparsers, "build", "export a checkpoint with a compression method to a validated ONNX artifact", """
+          vtc-export build --ratio 0.25                       # built-in demo model (trained on synthetic shapes)
+          vtc-export build --model ./llava-1.5-7b-hf --method cls-attn --ratio 0.25 --output out/llava-cls
+          vtc-export build --model ./llava-1.5-7b-hf --ratio 1.0   # uncompressed baseline
+          vtc-export build --method pool --method-opt window=3  # explicit 3x3 pooling window
+          vtc-export build --ratio 0.25 --kv-cache int8          # INT8 KV cache, calibrated on the bundled photos
+          vtc-export build --kv-cache fp8 --kv-scales kv_scales.json
+          vtc-export build --ratio 0.25 --backend tensorrt --precision fp16   # + TensorRT engines (GPU host)
+        """)
+    for group in (OPTIONS, KV, ENGINE):
+        group.add_to_parser(p)
+    return p
+
+
+def run(args) -> int:
+    from vtc.export.build import BuildArgs, build
+    from vtc.export.demo import DEMO_NOTICE
+    from vtc.runtime.units import format_bytes
+
+    # engine = only the engine flags given: build.prepare (tensorrt.check_backend) refuses them without
+    # --backend tensorrt and checks that TensorRT imports, before any export work
+    bargs = BuildArgs(**OPTIONS.parse(args), **KV.parse(args), **ENGINE.parse(args))
+    quiet_transformers()
+    if args.model is None:
+        err.print(f"[yellow]note:[/] no --model given: using the built-in {DEMO_NOTICE}.")
+    built = build(bargs, step)
+    m = built.manifest
+    c = m.compression
+    out.print(f"\nartifact: [bold]{built.path}[/]")
+    out.print(f"visual tokens kept: [bold]{c.k_visual} of {c.n_visual}[/] ({c.method}, ratio {c.ratio:g})")
+    for name, meta in m.files.items():
+        out.print(f"  {name:<28} {format_bytes(meta['bytes']):>10}")
+    out.print(f"  total {format_bytes(sum(f['bytes'] for f in m.files.values())):>32}")
+    p = m.parity
+    out.print(f"parity vs PyTorch: {'[green]ok[/]' if p['ok'] else '[red]FAILED[/]'} "
+              f"(prefill logits max-abs {p['graphs']['llm_prefill']['max_abs']:.2e}, "
+              f"{p['new_tokens']} greedy tokens {'equal' if p['greedy_tokens']['equal'] else 'differ'})")
+    if built.lint is not None:
+        from vtc.export.report import print_lint
+
+        print_lint(out, built.lint)
+    if built.demo:
+        from vtc.export.demo import DEMO_QUESTION
+
+        out.print(f"[yellow]{DEMO_NOTICE}.[/]")
+        out.print(f"next: vtc-export run {built.path} --image examples/shapes.png --prompt \"{DEMO_QUESTION}\"")
+    else:
+        out.print(f"next: vtc-export run {built.path} --image IMG --prompt \"...\"")
+    return 0

@@ -1,0 +1,96 @@
+"""The combinations the suite builds and checks: the single source of truth for the parametrized tests.
+
+PARITY_MATRIX  (tiny config, method, ratio, method options): each artifact's runtime output is checked against
+               PyTorch (ratio 1.0 / "none": HF `generate`, test_parity_generate.py; the others: the method's
+               PyTorch reference, test_parity_generate.py and test_method_*.py). Every test that checks parity
+               parametrizes from `parity_cases(method, ...)`.
+LINT_MATRIX    the methods whose exported graphs tests/test_lint.py lints: `LINT_CONFIG` at `LINT_RATIO` ("none":
+               uncompressed), the in-LLM methods split at layer 1 -- the same artifacts as the parity rows.
+KV_MATRIX      the quantized-KV-cache artifacts of test_kv_quant.py.
+
+Artifacts are shared through conftest.py's `artifact_factory` (one build per distinct key); a row added here is
+a build added to the suite. tests/test_registries.py checks that every registered architecture has a tiny
+config and every registered method has parity and lint rows.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class ParityCase(NamedTuple):
+    config: str  # a name in tests.helpers.tiny.TINY
+    method: str
+    ratio: float  # 1.0 for "none" (the uncompressed model)
+    options: dict = {}  # --method-opt values; never mutated (tests pass a copy)
+
+
+# The in-LLM methods split the LLM at layer 1 on the 2-layer tiny LLMs (mha-default, gqa-full); mqa-layer-1 has
+# 3 layers and takes the method's default layer.
+_LAYER_1 = {"layer": "1"}
+
+PARITY_MATRIX: tuple[ParityCase, ...] = (
+    # uncompressed = HF generate (test_parity_generate.py)
+    ParityCase("mha-default", "none", 1.0),
+    ParityCase("gqa-full", "none", 1.0),
+    ParityCase("mqa-layer-1", "none", 1.0),
+    # test_parity_generate.py
+    ParityCase("mha-default", "pool", 0.25),
+    ParityCase("gqa-full", "pool", 0.25),
+    ParityCase("mqa-layer-1", "pool", 0.25),
+    ParityCase("mha-default", "cls-attn", 0.25),
+    ParityCase("gqa-full", "cls-attn", 0.25),
+    ParityCase("mqa-layer-1", "cls-attn", 0.25),
+    # test_method_visionzip.py
+    ParityCase("mha-default", "visionzip", 0.25),
+    ParityCase("gqa-full", "visionzip", 0.25),
+    ParityCase("mqa-layer-1", "visionzip", 0.25),
+    ParityCase("mha-default", "visionzip", 0.5),
+    # test_method_tome.py
+    ParityCase("mha-default", "tome", 0.25),
+    ParityCase("gqa-full", "tome", 0.25),
+    ParityCase("mqa-layer-1", "tome", 0.25),
+    ParityCase("gqa-full", "tome", 0.5),
+    # test_method_divprune.py
+    ParityCase("mha-default", "divprune", 0.25),
+    ParityCase("gqa-full", "divprune", 0.25),
+    ParityCase("mqa-layer-1", "divprune", 0.25),
+    ParityCase("gqa-full", "divprune", 0.5),
+    # test_method_baselines.py
+    ParityCase("mha-default", "uniform", 0.25),
+    ParityCase("gqa-full", "uniform", 0.25),
+    ParityCase("mqa-layer-1", "uniform", 0.25),
+    ParityCase("mha-default", "random", 0.25),
+    ParityCase("gqa-full", "random", 0.25),
+    ParityCase("mqa-layer-1", "random", 0.25),
+    # test_method_in_llm.py
+    ParityCase("mha-default", "fastv", 0.25, _LAYER_1),
+    ParityCase("gqa-full", "fastv", 0.25, _LAYER_1),
+    ParityCase("mqa-layer-1", "fastv", 0.25, {}),
+    ParityCase("mha-default", "tokencarve", 0.25, _LAYER_1),
+    ParityCase("gqa-full", "tokencarve", 0.25, _LAYER_1),
+    ParityCase("mqa-layer-1", "tokencarve", 0.25, {}),
+)
+
+# tests/test_lint.py lints LINT_CONFIG's artifact of each method at LINT_RATIO (see its `method_artifact`).
+LINT_CONFIG, LINT_RATIO = "mha-default", 0.25
+LINT_MATRIX: tuple[str, ...] = ("none", "pool", "cls-attn", "visionzip", "tome", "divprune", "random", "uniform",
+                                "fastv", "tokencarve")
+
+
+class KVCase(NamedTuple):
+    config: str
+    method: str
+    ratio: float
+    kv_caches: tuple[str, ...]  # every KV dtype built (fp32: the reference the others are compared with)
+    calibrated: tuple[str, ...]  # those with calibrated scales and a recorded accuracy
+
+
+KV_MATRIX = KVCase("gqa-full", "pool", 0.25, kv_caches=("fp32", "int8", "fp8", "fp16"), calibrated=("int8", "fp8"))
+
+
+def parity_cases(*methods: str) -> list[ParityCase]:
+    """PARITY_MATRIX's rows of `methods`, method by method (in the order given), each in matrix order."""
+    unknown = set(methods) - {c.method for c in PARITY_MATRIX}
+    assert not unknown, f"no PARITY_MATRIX rows for {sorted(unknown)}"
+    return [c for m in methods for c in PARITY_MATRIX if c.method == m]

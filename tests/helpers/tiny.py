@@ -1,0 +1,36 @@
+"""The tiny random checkpoints the suite builds from (real HF classes, random weights).
+
+Three LLaVA configs cover multi-head and grouped-query attention (including multi-query), both
+`vision_feature_select_strategy` values and two feature layers; conftest.py writes each once per session.
+"""
+
+from __future__ import annotations
+
+from vtc.export.random_llava import RandomLlavaSpec
+
+TINY = {
+    # name: (spec, seed)
+    "mha-default": (RandomLlavaSpec(heads=4, kv_heads=4, strategy="default", feature_layer=-2), 1),
+    "gqa-full": (RandomLlavaSpec(heads=4, kv_heads=2, strategy="full", feature_layer=-2, hidden=96, intermediate=160), 2),
+    "mqa-layer-1": (RandomLlavaSpec(image_size=84, heads=4, kv_heads=1, strategy="default", feature_layer=-1,
+                                    vision_layers=2, layers=3, vocab=300), 3),
+}
+
+# model_type (config.json; the key of vtc.export.models' registry) -> the TINY configs of that architecture.
+# Every registered architecture needs at least one (tests/test_registries.py checks it).
+TINY_BY_MODEL_TYPE: dict[str, tuple[str, ...]] = {
+    "llava": ("mha-default", "gqa-full", "mqa-layer-1"),
+}
+
+
+def write_siglip_llava(path):
+    """A tiny LLaVA with a SigLIP vision tower: no [CLS] token (methods that need one must refuse it)."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=56, patch_size=14)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=2, vocab_size=100)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=4)
+    LlavaForConditionalGeneration(config).save_pretrained(path)
+    return path
