@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from vtc.runtime.errors import ModelError
 from vtc.runtime.preprocess import ImagePreprocessor
@@ -39,8 +40,11 @@ def write(out: Path, src: Path, adapter, model) -> dict:
     if template is not None:
         (out / "chat_template.jinja").write_text(template)
     preprocess = ImagePreprocessor.from_dir(src).to_dict()
-    table = adapter.embed_table(model).float().numpy()  # [V, D]
+    weights = adapter.embed_table(model)  # [V, D], in the graph dtype (build --dtype)
+    dtype = str(weights.dtype).removeprefix("torch.")
+    # bfloat16 is stored as its raw 16 bits (.npy has no bfloat16); the runtime views it back (manifest dtype)
+    table = weights.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else weights.numpy()
     np.save(out / "embed_tokens.npy", np.ascontiguousarray(table), allow_pickle=False)
     return {"chat_template": "chat_template.jinja" if template is not None else None,
             "eos_token_ids": _eos_ids(src, model), "preprocess": preprocess,
-            "embeddings": {"file": "embed_tokens.npy", "dtype": "float32", "shape": list(table.shape)}}
+            "embeddings": {"file": "embed_tokens.npy", "dtype": dtype, "shape": list(table.shape)}}

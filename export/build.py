@@ -18,6 +18,7 @@ and the manifest (written last) is complete; any failure or Ctrl-C removes the t
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import shutil
@@ -32,7 +33,14 @@ DEFAULT_METHOD = "pool"
 DEFAULT_RATIO = 0.25
 DEFAULT_TEXT_BUDGET = 128
 DEFAULT_MAX_SEQ_LEN = 1024
-KV_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8", "fp8": "float8_e4m3fn"}
+# Upper bound of --max-seq-len (and so of --text-budget, --parity-tokens): the KV cache is allocated for it
+# at once, in the build's parity step and in every `run` (10**9 asked for 715 GiB and died at parity).
+MAX_SEQ_LEN_LIMIT = 2 ** 20
+KV_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8", "fp8": "float8_e4m3fn"}
+# --dtype: the graphs' weights and activations. Default per target: fp16 for TensorRT (its engines run
+# fp16 anyway); fp32 for ONNX Runtime, whose CPU kernels are float32 (an fp16 graph is upcast at load:
+# same memory and compute plus casts; bf16 has no CPU kernels at all).
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,7 @@ class BuildArgs:
     text_budget: int = DEFAULT_TEXT_BUDGET
     force: bool = False
     parity_tokens: int = 8
-    kv_cache: str = "fp32"  # fp32 | fp16 | int8 | fp8
+    kv_cache: str | None = None  # fp32 | fp16 | bf16 | int8 | fp8; None = the graph dtype
     kv_scales: str | None = None  # kv_scales.json from `vtc-export calibrate`; None = calibrate now
     calib_images: str | None = None
     calib_prompts: str | None = None
@@ -57,6 +65,7 @@ class BuildArgs:
     kv_fallback: float = 0.08  # relative error above which a layer stays float16
     backend: str = "onnxruntime"  # onnxruntime | tensorrt (also builds engines: vtc.export.tensorrt)
     engine: dict = field(default_factory=dict)  # --backend tensorrt: EngineOptions (precision, workspace_gb, ...)
+    dtype: str | None = None  # fp32 | fp16 | bf16: graph weights and activations; None = per backend (DTYPES)
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,8 @@ class BuildPlan:
     spec: object  # VisualSpec
     lm: object  # LMSpec
     engine: object = None  # validated EngineOptions for --backend tensorrt, else None
+    dtype: str = "fp32"  # the graphs' dtype (--dtype, resolved per backend)
+    kv_cache: str = "fp32"  # the KV cache storage (--kv-cache, default: dtype)
 
 
 @dataclass
@@ -96,17 +107,52 @@ def _check_args(args: BuildArgs) -> None:
     for name, v in (("--max-seq-len", args.max_seq_len), ("--text-budget", args.text_budget)):
         if v < 1:
             raise UsageError(f"{name} must be a positive number of tokens (got {v}).", "Pass a positive integer.")
-    if args.kv_cache not in KV_DTYPES:
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise UsageError(f"--dtype {args.dtype!r} is not one of {', '.join(DTYPES)}.", "Pass e.g. --dtype fp16.")
+    if args.kv_cache is not None and args.kv_cache not in KV_DTYPES:
         raise UsageError(f"--kv-cache {args.kv_cache!r} is not one of {', '.join(KV_DTYPES)}.", "Pass e.g. --kv-cache int8.")
     if (args.calib_images is None) != (args.calib_prompts is None):
         raise UsageError("--calib-images and --calib-prompts go together.", "Pass both, or neither for the default set.")
     quantized = args.kv_cache in ("int8", "fp8")
     if not quantized and (args.kv_scales or args.calib_images):
         raise UsageError(f"--kv-scales/--calib-* apply to --kv-cache int8|fp8, not {args.kv_cache}.", "Drop them or pick int8/fp8.")
-    if args.kv_scales and not Path(args.kv_scales).is_file():
-        raise UsageError(f"--kv-scales {args.kv_scales} does not exist.", "Create it with `vtc-export calibrate`.")
     if not 0 < args.kv_fallback:
         raise UsageError(f"--kv-fallback-threshold must be positive (got {args.kv_fallback}).", "Pass e.g. 0.08.")
+    if args.max_seq_len > MAX_SEQ_LEN_LIMIT:
+        raise UsageError(f"--max-seq-len {args.max_seq_len} is over vtc's limit of {MAX_SEQ_LEN_LIMIT} tokens (the KV "
+                         "cache is allocated for all of them at once).", "Pass the context the deployment needs, "
+                         f"e.g. --max-seq-len {DEFAULT_MAX_SEQ_LEN} (the default).")
+    if args.text_budget >= args.max_seq_len:
+        raise UsageError(f"--text-budget {args.text_budget} does not fit in --max-seq-len {args.max_seq_len}, which "
+                         "also holds the visual and the generated tokens.", "Lower --text-budget or raise --max-seq-len.")
+    if not 1 <= args.parity_tokens < args.max_seq_len:
+        raise UsageError(f"--parity-tokens {args.parity_tokens}: the build compares 1 to {args.max_seq_len - 1} greedy "
+                         "tokens with PyTorch (fewer than --max-seq-len).", "Pass e.g. --parity-tokens 8 (the default).")
+    stat = args.kv_statistic
+    if stat != "absmax":
+        pct = stat.split(":", 1)[1] if isinstance(stat, str) and stat.startswith("percentile:") else None
+        try:
+            ok = pct is not None and 0 < float(pct) <= 100
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UsageError(f"--kv-statistic {stat!r} is not absmax or percentile:P with 0 < P <= 100.",
+                             "Pass e.g. --kv-statistic percentile:99.99, or absmax (the default).")
+    if args.kv_granularity not in ("channel", "head"):
+        raise UsageError(f"--kv-granularity {args.kv_granularity!r} is not channel or head.", "Pass one of them.")
+    for flag, value, want_dir in (("--kv-scales", args.kv_scales, False), ("--calib-images", args.calib_images, True),
+                                  ("--calib-prompts", args.calib_prompts, False)):
+        path = Path(value).expanduser() if value else None
+        if path is None:
+            continue
+        if not path.exists():
+            raise UsageError(f"{flag} {value} does not exist.", "Check the path." if flag != "--kv-scales" else
+                             "Create it with `vtc-export calibrate`.")
+        if want_dir and not path.is_dir():
+            raise UsageError(f"{flag} {value} is a file, not a directory.", "Pass the directory of calibration images.")
+        if not want_dir and not path.is_file():
+            raise UsageError(f"{flag} {value} is a directory, not a file." if path.is_dir() else
+                             f"{flag} {value} is not a regular file.", "Pass the path of the file itself.")
 
 
 def _resolve_method(args: BuildArgs):
@@ -139,8 +185,10 @@ def prepare(args: BuildArgs, step: Callable, check_output: bool = True) -> Build
     out = Path(args.output) if args.output else default_output(name, method.name, ratio)
     if check_output:
         _check_output(out, src, args.force)
-    with step(f"loading {adapter.model_type} checkpoint"):
-        model = adapter.load(src)
+    dtype = args.dtype or ("fp16" if args.backend == "tensorrt" else "fp32")
+    kv_cache = args.kv_cache or dtype
+    with step(f"loading {adapter.model_type} checkpoint ({dtype})"):
+        model = adapter.load(src, torch_dtype(dtype))
     spec, lm = adapter.visual_spec(model), adapter.lm_spec(model)
     plan = method.plan(spec, ratio, dict(args.method_options))
     method.check_lm(lm.num_layers, plan)
@@ -150,60 +198,41 @@ def prepare(args: BuildArgs, step: Callable, check_output: bool = True) -> Build
                          "tokens and one generated token.",
                          f"Pass --max-seq-len {widest + args.text_budget + 256} or lower --text-budget.")
     return BuildPlan(args=args, src=src, demo=demo, out=out, adapter=adapter, model=model, method=method, plan=plan,
-                     spec=spec, lm=lm, engine=engine)
+                     spec=spec, lm=lm, engine=engine, dtype=dtype, kv_cache=kv_cache)
+
+
+def torch_dtype(flag: str):
+    """--dtype / --kv-cache float flag -> torch dtype."""
+    import torch
+
+    return getattr(torch, DTYPES[flag])
 
 
 def _check_output(out: Path, src: Path, force: bool) -> None:
-    """The output may be new, or (with --force) an existing vtc artifact or empty directory; never
-    a file, the source checkpoint, or a directory that holds something else."""
-    if not out.exists():
-        return
-    if not force:
-        raise UsageError(f"output directory {out} already exists.", "Pass --force to replace it, or choose --output.")
-    if not out.is_dir():
-        raise UsageError(f"--output {out} is an existing file, not an artifact directory.", "Choose another --output.")
-    resolved = out.resolve()
-    if resolved == src.resolve() or resolved in src.resolve().parents:
-        raise UsageError(f"--output {out} is (or contains) the source checkpoint {src}; --force would delete it.",
-                         "Choose another --output.")
-    if any(out.iterdir()) and not (out / "manifest.json").is_file():
-        raise UsageError(f"--output {out} is not a vtc artifact (no manifest.json); --force only replaces artifacts.",
-                         "Choose another --output, or empty that directory yourself.")
+    """The output may be new, or (with --force) an existing vtc artifact or empty directory; never a file,
+    a symlink, the source checkpoint, a directory with anything its manifest does not list, or an output
+    another build is writing (vtc.export.placement.check_output). Writes nothing."""
+    from vtc.export import placement
+
+    placement.check_output(out, src, force)
 
 
 def build(args: BuildArgs, step: Callable, cache: Path | None = None) -> Built:
     """Run the whole build. `step(label)` is a context manager the caller uses to show progress;
-    `cache`: a graph-cache directory shared by related builds (vtc.export.graph_cache)."""
-    bp = prepare(args, step)
-    out = bp.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = None
-    try:  # includes KeyboardInterrupt: never leave a partial artifact behind
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        tmp.chmod(0o755)  # mkdtemp makes 0700; an artifact is meant to be shared
-        manifest, lint = _write_artifact(tmp, bp, step, cache)
-        _move_into_place(tmp, out)
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Built(path=out, manifest=manifest, demo=bp.demo, lint=lint)
+    `cache`: a graph-cache directory shared by related builds (vtc.export.graph_cache).
 
+    The output is claimed (vtc.export.placement: a lock next to it, dead builds' partial directories
+    removed, checked again) and written into `.<name>.partial-XXXXXXXX/new`; commit renames it into place
+    only if the output is still what it was when claimed. Any exception, Ctrl-C, SIGTERM or SIGHUP
+    (BuildInterrupted) removes the partial directory and the lock; after SIGKILL the next build does."""
+    from vtc.export import placement
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename tmp to out. An existing out is moved aside first and restored if the swap is interrupted."""
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = out.with_name(f".{out.name}.old-{dt.datetime.now().strftime('%H%M%S%f')}")
-    out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if not out.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    with placement.signals_raise():
+        bp = prepare(args, step)
+        with placement.claim_output(bp.out, bp.src, args.force) as claim:
+            manifest, lint = _write_artifact(claim.path, bp, step, cache)
+            claim.commit()
+    return Built(path=bp.out, manifest=manifest, demo=bp.demo, lint=lint)
 
 
 def _write_artifact(tmp: Path, bp: BuildPlan, step: Callable, cache: Path | None):
@@ -222,14 +251,16 @@ def _write_artifact(tmp: Path, bp: BuildPlan, step: Callable, cache: Path | None
     with step("writing tokenizer, preprocessing and embeddings"):
         side = assets.write(tmp, bp.src, bp.adapter, bp.model)
     draft = _manifest(bp, kv, graphs, side, parity={}, files={})
-    with step(f"checking parity against PyTorch ({args.parity_tokens} greedy tokens)"):
+    with step(f"checking parity against PyTorch float32 ({args.parity_tokens} greedy tokens)"):
+        ref = bp if bp.dtype == "fp32" else dataclasses.replace(bp, model=bp.adapter.load(bp.src))  # HF, float32
         vlm = VLM(tmp, manifest=draft)
-        report = parity.check(tmp, bp.adapter, bp.model, bp.method, bp.plan, bp.spec, max_new_tokens=args.parity_tokens,
-                              vlm=vlm, kv_dtype=KV_DTYPES[args.kv_cache])
+        report = parity.check(tmp, ref.adapter, ref.model, ref.method, ref.plan, ref.spec, max_new_tokens=args.parity_tokens,
+                              vlm=vlm, kv_dtype=KV_DTYPES[bp.kv_cache], graph_dtype=DTYPES[bp.dtype])
         parity.raise_if_failed(report)
     if kv.quantized:
-        with step(f"measuring {args.kv_cache} KV accuracy vs float32 KV on held-out pairs"):
-            kv.accuracy = kvquant.accuracy(vlm, bp)
+        with step(f"measuring {bp.kv_cache} KV accuracy vs float32 KV on held-out pairs"):
+            kv.accuracy = kvquant.accuracy(vlm, ref)
+    del ref
     engines = trt_build.engine_step(tmp, graphs, bp.engine, step)  # None for onnxruntime
     final = _manifest(bp, kv, graphs, side, report, mf.file_table(tmp), engines)
     (tmp / mf.MANIFEST).write_text(final.to_json())  # last: its presence marks a complete artifact
@@ -264,7 +295,7 @@ def graph_loaders(bp: BuildPlan, kvq, cache: Path | None = None) -> dict:
         loaders["llm_post"] = onnx_export.ExportLLM(adapter.static_cache_lm(model, (w, lm.num_layers), kvq), kv_heads,
                                                     hidden, prefill(plan.k), f"exporting language model layers [{w}, "
                                                     f"{lm.num_layers}) for {method.name} ({plan.k} of {plan.n} kept)")
-        loaders.update(method.extra_graphs(plan, hidden))
+        loaders.update(method.extra_graphs(plan, hidden, torch_dtype(bp.dtype)))
     return {n: Cached(ld, cache) for n, ld in loaders.items()} if cache is not None else loaders
 
 
@@ -290,4 +321,4 @@ def _manifest(bp: BuildPlan, kv, graphs, side: dict, parity: dict, files: dict, 
                          tokenizer_as_is=bp.adapter.tokenizer_as_is),
         kv_cache=kv.info(lm, bp.args.max_seq_len),
         graphs=graphs, embeddings=side["embeddings"], preprocess=side["preprocess"], parity=parity, files=files,
-        engines=engines)
+        engines=engines, dtype=DTYPES[bp.dtype])

@@ -84,7 +84,7 @@ def plan(tmp: Path, bp, step) -> KVPlan:
     from vtc.export.build import KV_DTYPES
 
     args = bp.args
-    dtype, n = KV_DTYPES[args.kv_cache], bp.lm.num_layers
+    dtype, n = KV_DTYPES[bp.kv_cache], bp.lm.num_layers
     if dtype in ("float32", "float16"):
         return KVPlan(dtype, KVQuant((dtype,) * n, (None,) * n, (None,) * n))
     if args.kv_scales:

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
-TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8,
+TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8,
                "float8_e4m3fn": torch.float8_e4m3fn}
 
 
@@ -145,7 +145,7 @@ class StaticCacheLM(nn.Module):
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         q, k = self.apply_rope(q, k, cos, sin)
         dtype, ks, vs = self.kv.dtypes[i], self.kv.k_scale[i], self.kv.v_scale[i]
-        if dtype == "float32":
+        if TORCH_DTYPE[dtype] == q.dtype:  # the cache stores the graph's own dtype: no conversion
             a, last_row = split_attention(q, k, v, k_past, v_past, past_len, self.scale, want_last_row)
             return self._block_out(block, hidden, a), k, v, last_row
         ks = None if ks is None else ks.to(q.dtype)[None, :, None, :]  # [1, Hkv, 1, Dh]

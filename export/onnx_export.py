@@ -123,7 +123,8 @@ class ExportVision(GraphLoader):
         self.label = f"exporting vision encoder + projector + {p.method} ({p.k} of {p.n} tokens)"
 
     def call_impl(self, path: Path) -> GraphSpec:
-        pixels = torch.randn(1, 3, self.image_size, self.image_size)
+        dtype = next(self.graph.model.parameters()).dtype  # pixel_values in the graph dtype (build --dtype)
+        pixels = torch.randn(1, 3, self.image_size, self.image_size, dtype=dtype)
         _export(self.graph, (pixels,), path, ["pixel_values"], ["image_embeds", "kept_index", "token_map"], None,
                 external=False)
         return graph_spec(path, self.profiles)
@@ -173,7 +174,8 @@ def export_llm(lm: StaticCacheLM, num_kv_heads: int, hidden: int, path: Path, pr
     kv = tuple(torch.randn(1, num_kv_heads, past, lm.head_dim).to(TORCH_DTYPE[dtypes[j // 2]]) for j in range(2 * n_layers))
     s_dim = torch.export.Dim("seq", min=1, max=MAX_SEQ_DIM)
     p_dim = torch.export.Dim("past_seq", min=0, max=MAX_SEQ_DIM)
-    common = (torch.randn(1, seq, hidden), torch.arange(seq)[None], torch.full((n_layers,), past, dtype=torch.int64))
+    act = next(lm.parameters()).dtype  # the graph's activations: the weights' dtype (build --dtype)
+    common = (torch.randn(1, seq, hidden, dtype=act), torch.arange(seq)[None], torch.full((n_layers,), past, dtype=torch.int64))
     # torch.onnx matches dynamic_shapes to inputs by position: keep the forward signature's order.
     dyn = {"hidden": {1: s_dim}, "position_ids": {1: s_dim}, "past_lengths": None}
     past_dyn = tuple({2: p_dim} for _ in range(2 * n_layers))
@@ -188,7 +190,10 @@ def export_llm(lm: StaticCacheLM, num_kv_heads: int, hidden: int, path: Path, pr
         from vtc.export.qdq import cast_to_qdq
 
         cast_to_qdq(path)  # explicit Q/DQ instead of Cast, for TensorRT
-        onnx.checker.check_model(str(path), full_check=False)
+    from vtc.export.past_slice import slice_past_to_length
+
+    slice_past_to_length(path)  # attention over the filled positions only: decode cost follows the context
+    onnx.checker.check_model(str(path), full_check=False)
     return graph_spec(path, profiles)
 
 
@@ -199,13 +204,13 @@ class ExportSelect(GraphLoader):
     label = "exporting the in-LLM selection graph"
     profiles = {"prefill": {"seq": "prompt length"}}
 
-    def __init__(self, module: nn.Module, hidden: int):
-        self.module, self.hidden = module, hidden
+    def __init__(self, module: nn.Module, hidden: int, dtype: torch.dtype = torch.float32):
+        self.module, self.hidden, self.dtype = module, hidden, dtype
 
     def call_impl(self, path: Path) -> GraphSpec:
         n = self.module.n
         seq = n + 5
-        args = (torch.randn(1, seq, self.hidden), torch.rand(1, seq), torch.tensor([2]))
+        args = (torch.randn(1, seq, self.hidden, dtype=self.dtype), torch.rand(1, seq), torch.tensor([2]))
         s_dim = torch.export.Dim("seq", min=n + 1, max=MAX_SEQ_DIM)
         dyn = {"hidden_states": {1: s_dim}, "last_attn": {1: s_dim}, "image_start": None}
         _export(self.module, args, path, ["hidden_states", "last_attn", "image_start"],

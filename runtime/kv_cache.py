@@ -13,14 +13,29 @@ from __future__ import annotations
 
 import numpy as np
 
-from vtc.runtime.errors import InputError
+from vtc.runtime.errors import ArtifactError, InputError
 
 FP8 = "float8_e4m3fn"
+BF16 = "bfloat16"
 
 
 def storage_dtype(dtype: str) -> np.dtype:
-    """numpy dtype that holds a cache of `dtype` (float8_e4m3fn as raw uint8 bytes)."""
-    return np.dtype(np.uint8) if dtype == FP8 else np.dtype(dtype)
+    """numpy dtype that holds a tensor of `dtype` (float8_e4m3fn as raw uint8 bytes; bfloat16 as
+    ml_dtypes.bfloat16, the numpy extension type ONNX uses too)."""
+    if dtype == FP8:
+        return np.dtype(np.uint8)
+    if dtype == BF16:
+        return bfloat16()
+    return np.dtype(dtype)
+
+
+def bfloat16() -> np.dtype:
+    try:
+        import ml_dtypes
+    except ImportError as e:
+        raise ArtifactError("this artifact holds bfloat16 tensors, which numpy needs ml_dtypes for.",
+                            "pip install ml_dtypes") from e
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 class StaticKVCache:

@@ -55,7 +55,7 @@ class LanguageModel:
         self.prefill_positions = positions.get(m.lm.rope)  # prompt length -> position_ids
         d = m.lm.hidden_size
         # Decode feeds: persistent arrays (bound once by the backend), views of the cache for the past.
-        self._step = [self._feeds(seg, np.zeros((1, 1, d), np.float32), np.zeros((1, 1), np.int64), decode=True)
+        self._step = [self._feeds(seg, np.zeros((1, 1, d), _hidden_dtype(seg.session)), np.zeros((1, 1), np.int64), decode=True)
                       for seg in self.segments]
         self.position = 0
         self.last_pruned: Pruned | None = None
@@ -120,3 +120,11 @@ class LanguageModel:
                 return outs[0][0]
             hidden = outs[0]
         raise ArtifactError("the LLM segments end without an LM head.", "Rebuild the artifact.")
+
+
+def _hidden_dtype(session) -> np.dtype:
+    """The dtype of a segment's hidden-state input (the graph dtype, build --dtype)."""
+    from vtc.runtime.kv_cache import storage_dtype
+
+    spec = next(t for t in session.spec.inputs if t.name in ("inputs_embeds", "hidden_states"))
+    return storage_dtype(spec.dtype)

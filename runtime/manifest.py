@@ -1,8 +1,11 @@
 """`manifest.json`: the versioned contract between the exporter and the runtime.
 
 Written last by the build (after parity passed), parsed strictly here: unknown keys, missing keys,
-wrong types and a schema version other than SCHEMA_VERSION are errors. `files` holds the sha256 and
-size of every other file in the artifact; `load(..., check_files=True)` verifies them.
+wrong types and a schema version other than SCHEMA_VERSION are errors, and every field the runtime reads
+is checked against its bounds and the other fields before use (vtc.runtime.artifact_check.validate).
+`files` holds the sha256 and size of every other file in the artifact; `load(dir, check_files=...)`
+checks them: "sizes" (default: confinement, presence, exact sizes, small files hashed, graph I/O),
+"hashes" (every sha256: `verify`, `inspect --verify-hashes`) or False (the caller checked already).
 The schema is documented in docs/DESIGN.md; bump SCHEMA_VERSION on any incompatible change.
 """
 
@@ -130,6 +133,7 @@ class Manifest:
     parity: dict
     files: dict  # relative path -> {"sha256": str, "bytes": int}
     engines: EngineInfo | None = None  # optional: TensorRT engines (absent in ONNX-only artifacts)
+    dtype: str = "float32"  # weights and activations of every graph (build --dtype): float32 | float16 | bfloat16
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
@@ -197,22 +201,61 @@ def file_table(root: Path) -> dict:
     return out
 
 
-def parse(text: str, source: str = MANIFEST) -> Manifest:
+def parse(text: str | bytes, source: str = MANIFEST) -> Manifest:
+    """A Manifest from manifest.json's text (or UTF-8 bytes): strict types, then every field the runtime
+    reads against its bounds (artifact_check.validate). Any problem is one ArtifactError."""
+    from vtc.runtime import artifact_check
+
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ArtifactError(f"{source} is not UTF-8 text ({e.reason} at byte {e.start}).",
+                                "The artifact is damaged: rebuild it.") from e
     try:
         raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{source} is not valid JSON ({e}).", "The artifact is damaged: rebuild it.") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, a 5000-digit int, nesting too deep for the parser
+        why = e if isinstance(e, json.JSONDecodeError) else f"{type(e).__name__}: {str(e)[:80]}"
+        raise ArtifactError(f"{source} is not valid JSON ({why}).", "The artifact is damaged: rebuild it.") from e
+    _check_json(raw, source)
     if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
         raise ArtifactError(f"{source} is not a vtc artifact manifest.", "Point at a directory `vtc-export build` wrote.")
     version = raw.get("schema_version")
-    if version == 2:
+    if version == 2 and not isinstance(version, bool):
         raw = _upgrade_v2(raw)
-    elif version != SCHEMA_VERSION:
-        newer = isinstance(version, int) and version > SCHEMA_VERSION
+    elif version != SCHEMA_VERSION or isinstance(version, bool):
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION
         raise ArtifactError(f"{source} has manifest schema version {version!r}; this vtc reads versions "
                             f"{', '.join(map(str, READABLE_VERSIONS))}.",
                             "Upgrade vtc to run it." if newer else "Rebuild the artifact with this vtc.")
-    return _parse(Manifest, raw, "")
+    m = _parse(Manifest, raw, "")
+    artifact_check.validate(m)
+    return m
+
+
+def _check_json(raw, source: str) -> None:
+    """Nesting depth and strings (no NUL, no lone surrogates) of the whole document, iteratively."""
+    from vtc.runtime.artifact_check import LIMITS
+
+    stack = [(raw, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > LIMITS["json_depth"]:
+            raise ArtifactError(f"{source} nests deeper than {LIMITS['json_depth']} levels.",
+                                "The artifact is damaged: rebuild it.")
+        if isinstance(node, dict):
+            stack.extend((k, depth + 1) for k in node)
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+        elif isinstance(node, str):
+            if "\x00" in node:
+                raise ArtifactError(f"{source} has a string with a NUL character.", "The artifact is damaged: rebuild it.")
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ArtifactError(f"{source} has a string that is not valid Unicode ({e.reason}).",
+                                    "The artifact is damaged: rebuild it.") from e
 
 
 def _upgrade_v2(raw: dict) -> dict:
@@ -227,26 +270,62 @@ def _upgrade_v2(raw: dict) -> dict:
     return raw
 
 
-def load(artifact_dir: Path, check_files: bool = True) -> Manifest:
-    """Read and validate `artifact_dir/manifest.json`; with check_files, every file's size and sha256."""
+def load(artifact_dir: Path, check_files: str | bool = "sizes") -> Manifest:
+    """Read and validate `artifact_dir/manifest.json`, then check the files it lists at level `check_files`:
+    "sizes" (default): every path confined to the directory, a regular file without symlinks, listed, of
+    the listed size (small files hashed too), graph I/O as the ONNX files declare it; "hashes" (True):
+    also every file's sha256; False: no file checks (the caller checked them)."""
+    return load_with_digest(artifact_dir, check_files)[0]
+
+
+def load_with_digest(artifact_dir: Path, check_files: str | bool = "sizes") -> tuple[Manifest, str]:
+    """`load`, and the artifact digest: the sha256 of the manifest.json bytes that were parsed (the
+    manifest lists every file's sha256, so pinning the digest pins the whole artifact)."""
+    import os
+    import stat
+
+    from vtc.runtime import artifact_check
+
+    level = artifact_check.level(check_files)
     artifact_dir = Path(artifact_dir)
     path = artifact_dir / MANIFEST
-    if not artifact_dir.is_dir():
+    if not artifact_dir.exists():
         raise ArtifactError(f"artifact directory {artifact_dir} does not exist.", "Build one with `vtc-export build`.")
-    if not path.is_file():
+    if not artifact_dir.is_dir():
+        raise ArtifactError(f"{artifact_dir} is not a directory, so it is not a vtc artifact.",
+                            "Pass the directory `vtc-export build --output` wrote.")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise ArtifactError(f"cannot read {path} ({e.strerror}).", "Check the directory's permissions.") from e
+    if st is None or stat.S_ISDIR(st.st_mode):
         raise ArtifactError(f"{artifact_dir} has no {MANIFEST}: it is not a (complete) vtc artifact.",
                             "Build one with `vtc-export build`; builds write the manifest last.")
-    manifest = parse(path.read_text(), str(path))
-    if check_files:
-        verify_files(artifact_dir, manifest)
-    return manifest
+    if not stat.S_ISREG(st.st_mode):
+        raise ArtifactError(f"{path} is {'a symlink' if stat.S_ISLNK(st.st_mode) else 'not a regular file'}; "
+                            "an artifact's manifest is a regular file inside it.", "Rebuild the artifact.")
+    limit = artifact_check.LIMITS["manifest_bytes"]
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ArtifactError(f"cannot read {path} ({e.strerror or e}).", "Check its permissions, or rebuild it.") from e
+    if len(data) > limit:
+        raise ArtifactError(f"{path} is larger than {limit} bytes, which no vtc manifest is.",
+                            "The artifact is damaged: rebuild it.")
+    manifest = parse(data, str(path))
+    if level is not None:
+        artifact_check.check_files(artifact_dir, manifest, level)
+    return manifest, artifact_check.digest(data)
 
 
-def verify_files(artifact_dir: Path, manifest: Manifest) -> None:
-    for rel, meta in manifest.files.items():
-        p = artifact_dir / rel
-        if not p.is_file():
-            raise ArtifactError(f"artifact file {p} is missing.", "The artifact is incomplete: rebuild it.")
-        if p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
-            raise ArtifactError(f"checksum mismatch for {p}: the file changed after the build.",
-                                "Rebuild the artifact (or restore the file); vtc will not run modified graphs.")
+def verify_files(artifact_dir: Path, manifest: Manifest, check_files: str | bool = "hashes") -> None:
+    """The files `manifest` lists in `artifact_dir`, at level `check_files` (default: every sha256)."""
+    from vtc.runtime import artifact_check
+
+    level = artifact_check.level(check_files)
+    if level is not None:
+        artifact_check.check_files(Path(artifact_dir), manifest, level)

@@ -17,7 +17,7 @@ import numpy as np
 from vtc.runtime import manifest as mf
 from vtc.runtime.backend import get_backend
 from vtc.runtime.errors import InputError
-from vtc.runtime.kv_cache import StaticKVCache
+from vtc.runtime.kv_cache import StaticKVCache, storage_dtype
 from vtc.runtime.lm import LanguageModel
 from vtc.runtime.preprocess import ImagePreprocessor, load_image
 from vtc.runtime.sampling import Sampler, SamplingConfig
@@ -50,19 +50,24 @@ class GenerationResult:
 class VLM:
     """A built artifact, opened for inference. Not thread-safe (one static KV cache)."""
 
-    def __init__(self, artifact_dir: Path, backend=None, check_files: bool = True, manifest=None):
-        """Open `artifact_dir` (its manifest.json, checksums verified with check_files); `manifest`: an
-        in-memory Manifest to use instead of the file (the build's parity check, before it writes one)."""
+    def __init__(self, artifact_dir: Path, backend=None, check_files: str | bool = "sizes", manifest=None):
+        """Open `artifact_dir`: its manifest.json, validated, and its files checked at level `check_files`
+        (vtc.runtime.manifest.load: "sizes" by default, "hashes" for every sha256, False when the caller
+        checked them); `manifest`: an in-memory Manifest to use instead of the file (the build's parity
+        check, before it writes one)."""
         self.dir = Path(artifact_dir)
         self.manifest = m = manifest if manifest is not None else mf.load(self.dir, check_files=check_files)
         self.backend = backend or get_backend()
         self.preprocessor = ImagePreprocessor.from_config(m.preprocess)
         self.text = TextProcessor.from_dir(self.dir, image_token=m.model.image_token, tokenizer_as_is=m.text.tokenizer_as_is)
         self.embed = np.load(self.dir / m.embeddings["file"], mmap_mode="r", allow_pickle=False)  # [V, D]
+        if m.embeddings.get("dtype") == "bfloat16":  # stored as raw 16-bit words (.npy has no bfloat16)
+            self.embed = self.embed.view(storage_dtype("bfloat16"))
         if hasattr(self.backend, "prepare"):
             self.backend.prepare(m)
         sessions = {name: self.backend.open(self.dir, spec) for name, spec in m.graphs.items()}
         self.vision = sessions.pop("vision")
+        self._pixel_dtype = storage_dtype(next(t.dtype for t in m.graphs["vision"].inputs if t.name == "pixel_values"))
         self.cache = StaticKVCache(m.lm.num_layers, m.lm.num_kv_heads, m.lm.head_dim, m.text.max_seq_len,
                                    m.kv_cache.layer_dtypes)
         self.lm = LanguageModel(m, sessions, self.cache)
@@ -98,7 +103,7 @@ class VLM:
     # -- graphs ----------------------------------------------------------------------------------
     def encode_image(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image_embeds [1, K, D], kept_index [1, K], token_map [1, N])."""
-        embeds, kept, token_map = self.vision.run({"pixel_values": pixel_values})
+        embeds, kept, token_map = self.vision.run({"pixel_values": pixel_values.astype(self._pixel_dtype, copy=False)})
         return embeds, kept, token_map
 
     def prefill(self, prompt: Prompt, image_embeds: np.ndarray) -> np.ndarray:

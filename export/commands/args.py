@@ -39,6 +39,7 @@ class BuildOptionsArgs:
                                 help=f"compression method the cache will be built with (default {DEFAULT_METHOD})")
             parser.add_argument("--ratio", type=float, help=f"fraction of visual tokens kept (default {DEFAULT_RATIO:g})")
             parser.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE")
+            self.add_dtype(parser)
             return
         parser.add_argument("--method", default=DEFAULT_METHOD,
                             help=f"compression method (default: {DEFAULT_METHOD}; see `vtc-export list`)")
@@ -55,10 +56,17 @@ class BuildOptionsArgs:
         parser.add_argument("--parity-tokens", type=int, default=8, metavar="N",
                             help="greedy tokens compared against PyTorch during the build (default 8)")
         parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+        self.add_dtype(parser)
+
+    @staticmethod
+    def add_dtype(parser) -> None:
+        parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                            help="graph weights and activations (default: fp32 for ONNX Runtime, whose CPU kernels are "
+                                 "float32; fp16 with --backend tensorrt)")
 
     def parse(self, args) -> dict:
         fields = dict(model=args.model, method=args.method, ratio=args.ratio,
-                      method_options=method_options(args.method_opt))
+                      method_options=method_options(args.method_opt), dtype=args.dtype)
         if not self.calibrate:
             fields.update(output=args.output, max_seq_len=args.max_seq_len, text_budget=args.text_budget,
                           parity_tokens=args.parity_tokens, force=args.force)
@@ -86,8 +94,9 @@ class KvCacheArgs:
     def add_to_parser(self, parser) -> None:
         g = parser.add_argument_group("KV cache")
         if self.with_dtype:
-            g.add_argument("--kv-cache", default="fp32", choices=["fp32", "fp16", "int8", "fp8"],
-                           help="KV cache storage (default fp32; int8/fp8 use static calibrated scales)")
+            g.add_argument("--kv-cache", default=None, choices=["fp32", "fp16", "bf16", "int8", "fp8"],
+                           help="KV cache storage (default: the graph dtype, --dtype; int8/fp8 use static calibrated "
+                                "scales)")
             g.add_argument("--kv-scales", metavar="FILE",
                            help="kv_scales.json from `vtc-export calibrate` (default: calibrate now)")
             g.add_argument("--kv-fallback-threshold", type=float, default=0.08, metavar="E",
@@ -157,7 +166,11 @@ class RuntimeBackendArgs:
 
     @staticmethod
     def threads(args) -> int | None:
-        return args.threads or None  # 0 = ONNX Runtime's default
+        """--threads checked against the usable cores (and VTC_THREADS too), before any work: None = default."""
+        from vtc.runtime.backend import check_threads, env_threads
+
+        env_threads()
+        return check_threads(args.threads)  # 0 = ONNX Runtime's default
 
     def parse(self, args):
         """The backend object; an ONNX Runtime backend's `fallback` says why it left the asked provider."""

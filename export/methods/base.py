@@ -138,9 +138,10 @@ class Method:
         raise NotImplementedError(f"method {self.name!r} implements neither compress nor vision_forward")
 
     # -- the llm stage -----------------------------------------------------------------------------
-    def extra_graphs(self, plan: Plan, hidden: int) -> dict:
+    def extra_graphs(self, plan: Plan, hidden: int, dtype: torch.dtype = torch.float32) -> dict:
         """Graphs besides vision/llm_pre/llm_post that the runtime selector needs: name -> a
-        vtc.export.onnx_export loader (called with the output path, returns the GraphSpec)."""
+        vtc.export.onnx_export loader (called with the output path, returns the GraphSpec); `hidden`
+        and `dtype`: the LLM's hidden size and activation dtype."""
         return {}
 
     def reference_graphs(self, plan: Plan) -> dict:

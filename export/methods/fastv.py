@@ -34,10 +34,10 @@ class FastV(InLLMMethod):
     reference = "github.com/pkunlp-icler/FastV @ d165972 (fastv_kvcache.py)"
     options = (Option("layer", int, 2, "K: prune before this LLM layer (1 <= K < num_layers)."),)
 
-    def extra_graphs(self, plan: Plan, hidden: int) -> dict:
+    def extra_graphs(self, plan: Plan, hidden: int, dtype=None) -> dict:
         from vtc.export.onnx_export import ExportSelect
 
-        return {"select": ExportSelect(SelectGraph(self, plan.n, plan.k), hidden)}
+        return {"select": ExportSelect(SelectGraph(self, plan.n, plan.k), hidden, *(() if dtype is None else (dtype,)))}
 
     def reference_graphs(self, plan: Plan) -> dict:
         from vtc.export.onnx_export import EagerGraph

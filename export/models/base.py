@@ -7,7 +7,8 @@ Methods declare what they need from the vision side (`VisualSpec.capabilities`) 
 architecture-specific modules.
 
 Loading rules (all adapters): local directory only, safetensors only (pickled `*.bin` weights are
-refused), `trust_remote_code=False`, float32 on CPU, eager attention (the reference math).
+refused), `trust_remote_code=False`, on CPU in the build's dtype (the reference: float32), eager
+attention (the reference math).
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ class Adapter:
     rope: str = "1d"  # the LLM's position scheme (vtc.runtime.positions); recorded in the manifest
 
     # -- loading and shapes ----------------------------------------------------------------------
-    def load(self, checkpoint_dir: Path) -> nn.Module:
+    def load(self, checkpoint_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The model with its weights in `dtype` (the build's --dtype; the reference loads float32)."""
         raise NotImplementedError
 
     def visual_spec(self, model) -> VisualSpec:
@@ -196,9 +198,61 @@ class Adapter:
         return torch.arange(seq)[None]
 
 
-def check_weights(checkpoint_dir: Path) -> None:
-    """Refuse pickled weights; require safetensors."""
-    if any(checkpoint_dir.glob("*.safetensors")):
+def check_weights(checkpoint_dir: Path, max_header: int = 100 * 2 ** 20) -> None:
+    """Refuse pickled weights; require safetensors, each file complete: its 8-byte little-endian header
+    length at most `max_header` and within the file, the header a JSON object whose tensors (dtype, shape,
+    data_offsets) exactly tile the rest of the file, as the safetensors loader requires. Reads only the
+    headers, so a truncated or hostile file is one ModelError before transformers opens it."""
+    import json
+    import math
+
+    itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+                "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+    files = sorted(checkpoint_dir.glob("*.safetensors"))
+    for f in files:
+        def bad(what: str) -> ModelError:
+            return ModelError(f"{f} is not a complete safetensors file: {what}.",
+                              "Re-download or re-save the checkpoint (it may have been cut off while copying).")
+        if not f.is_file():
+            raise bad("it is not a regular file")
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise bad(f"it has {size} bytes, fewer than the 8 of its header length")
+            n = int.from_bytes(head, "little")
+            if n > min(max_header, size - 8):
+                raise bad(f"its header claims {n} bytes, but the file has {size - 8} after the length field"
+                          if n > size - 8 else f"its header claims {n} bytes, over vtc's limit of {max_header}")
+            raw = fh.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise bad(f"its header is not valid JSON ({type(e).__name__})") from e
+        if not isinstance(header, dict):
+            raise bad("its header is not a JSON object")
+        spans, data = [], size - 8 - n
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            offsets = t.get("data_offsets") if isinstance(t, dict) else None
+            shape = t.get("shape") if isinstance(t, dict) else None
+            ints = lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                         for x in v)  # noqa: E731
+            if not (ints(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1] and ints(shape)):
+                raise bad(f"tensor {name!r} has no valid shape and data_offsets")
+            width = itemsize.get(t.get("dtype"))
+            if width is not None and (offsets[1] - offsets[0]) != math.prod(shape) * width:
+                raise bad(f"tensor {name!r} ({t.get('dtype')} {shape}) does not fill its {offsets[1] - offsets[0]} bytes")
+            spans.append((offsets[0], offsets[1], name))
+        end = 0
+        for begin, stop, name in sorted(spans):
+            if begin != end:
+                raise bad(f"tensor {name!r} starts at byte {begin} of the data, not at {end}")
+            end = stop
+        if end != data:
+            raise bad(f"its tensors need {end} bytes of data and the file has {data}")
+    if files:
         return
     if any(checkpoint_dir.glob("*.bin")) or any(checkpoint_dir.glob("*.pt")):
         raise ModelError(f"{checkpoint_dir} has only pickled weights (*.bin/*.pt); vtc never loads pickles.",
@@ -208,11 +262,12 @@ def check_weights(checkpoint_dir: Path) -> None:
                      "Pass a complete checkpoint directory (config.json + model*.safetensors).")
 
 
-def load_hf(cls, checkpoint_dir: Path) -> nn.Module:
-    """Load an HF model class from a local directory under the loading rules above."""
+def load_hf(cls, checkpoint_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load an HF model class from a local directory under the loading rules above, its weights in
+    `dtype` (loaded straight in that dtype: no float32 copy of a float16 checkpoint)."""
     check_weights(checkpoint_dir)
     try:
-        model = cls.from_pretrained(checkpoint_dir, dtype=torch.float32, attn_implementation="eager",
+        model = cls.from_pretrained(checkpoint_dir, dtype=dtype, attn_implementation="eager",
                                     use_safetensors=True, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"could not load {checkpoint_dir} as {cls.__name__}: {e}",

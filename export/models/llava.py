@@ -29,10 +29,10 @@ class LlavaAdapter(Adapter):
     image_token = "<image>"
     tokenizer_as_is = True  # AutoTokenizer uses tokenizer.json whatever tokenizer_class says (llava, llava_next, vipllava)
 
-    def load(self, checkpoint_dir: Path):
+    def load(self, checkpoint_dir: Path, dtype: torch.dtype = torch.float32):
         from transformers import LlavaForConditionalGeneration
 
-        model = load_hf(LlavaForConditionalGeneration, Path(checkpoint_dir))
+        model = load_hf(LlavaForConditionalGeneration, Path(checkpoint_dir), dtype)
         if model.config.text_config.model_type not in ("llama", "mistral", "qwen2"):
             raise ModelError(f"LLaVA with a {model.config.text_config.model_type!r} language model is not supported.",
                              "Supported language models: llama, mistral, qwen2.")
