@@ -10,12 +10,13 @@ DEMO_ART := artifacts/demo-llava-fastv-r0.25
 
 ACC_DIR  := artifacts/sweep-accuracy
 
-.PHONY: setup demo test test-all bench accuracy train-demo clean help
+.PHONY: setup demo test test-all bench bench-scale accuracy train-demo clean help
 
 help:
 	@echo "make demo    build the demo model with FastV at ratio 0.25, ask it one question, score it, print a summary"
 	@echo "make test    run the test suite (CPU, ONNX Runtime; TensorRT tests skip without TensorRT)"
 	@echo "make bench   TTFT and decode latency on a bench-size random LLaVA vs HF transformers, then make accuracy"
+	@echo "make bench-scale  build a random-weight LLaVA-1.5-7B-geometry checkpoint (fp16; 2 and 32 LLM layers): time, peak RSS, size, latency"
 	@echo "make accuracy  accuracy per question type x method x ratio (and KV dtype) of the demo model -> $(ACC_DIR)/accuracy.md"
 	@echo "make train-demo  retrain the demo model from scratch (CPU, about 50 min on 2 cores) into export/data/demo-model"
 	@echo "make setup   create $(VENV) and install vtc with its export and test extras"
@@ -42,7 +43,12 @@ test-all: setup
 
 bench: setup
 	$(BIN)/python tools/bench.py
+	$(BIN)/python tools/bench_context.py
 	$(MAKE) accuracy
+
+# Real scale: needs ~30 GB of disk and, for the 32-layer build, most of a 24 GB machine (see README, Real scale).
+bench-scale: setup
+	$(BIN)/python tools/bench_scale.py
 
 # One command for the README's accuracy table: every method at 0.5/0.25/0.11 with an fp32 KV cache, then the
 # uncompressed model and pool at 0.25 with INT8 and FP8 KV caches, 500 held-out questions each. Resumable.

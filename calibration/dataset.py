@@ -78,12 +78,16 @@ def user_pairs(images_dir: str | Path, prompts_file: str | Path) -> list[tuple[P
     if not prompts_file.is_file():
         raise UsageError(f"--calib-prompts {prompts_file} does not exist.", 'Pass a JSONL file: {"prompt": "..."} per line.')
     prompts = []
-    for n, line in enumerate(prompts_file.read_text().splitlines(), 1):
+    for n, raw in enumerate(prompts_file.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{prompts_file}:{n} is not UTF-8 ({e}).", "Save the prompts file as UTF-8.") from e
         if not line.strip():
             continue
         try:
             prompt = json.loads(line).get("prompt")
-        except (json.JSONDecodeError, AttributeError) as e:
+        except (json.JSONDecodeError, AttributeError, RecursionError) as e:
             raise InputError(f"{prompts_file}:{n} is not a JSON object ({e}).", 'Each line: {"prompt": "..."}.') from e
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError(f"{prompts_file}:{n} has no non-empty 'prompt' string.", 'Each line: {"prompt": "..."}.')

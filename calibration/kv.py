@@ -15,6 +15,7 @@ from vtc.runtime.errors import InputError, UsageError
 
 SCHEMA, VERSION = "vtc.kv_scales", 1
 DEFAULT_FALLBACK = 0.08  # relative RMS error above which a layer stays float16
+MAX_THRESHOLD = 65504.0  # float16's largest value: a K/V magnitude beyond it fits no cache vtc builds
 
 
 @dataclass
@@ -69,13 +70,18 @@ def collect(adapter, model, method, plan, src: Path, pairs: list, new_tokens: in
 
 def thresholds(stats: KVStats, statistic: str, granularity: str) -> tuple[list, list]:
     """Per layer [Hkv, Dh] clipping thresholds for K and V."""
+    pct = None
+    if statistic != "absmax":
+        try:
+            pct = float(statistic.split(":", 1)[1]) if statistic.startswith("percentile:") else None
+        except ValueError:
+            pct = None
+        if pct is None or not 0 < pct <= 100:
+            raise UsageError(f"unknown calibration statistic {statistic!r}.",
+                             "Use absmax or percentile:P with 0 < P <= 100 (e.g. percentile:99.99).")
+
     def one(absmax, samples):
-        if statistic == "absmax":
-            thr = absmax
-        elif statistic.startswith("percentile:"):
-            thr = np.percentile(np.abs(samples), float(statistic.split(":", 1)[1]), axis=1)
-        else:
-            raise UsageError(f"unknown calibration statistic {statistic!r}.", "Use absmax or percentile:P (e.g. 99.99).")
+        thr = absmax if pct is None else np.percentile(np.abs(samples), pct, axis=1)
         return np.broadcast_to(thr.max(1, keepdims=True), thr.shape).copy() if granularity == "head" else thr
     if granularity not in ("channel", "head"):
         raise UsageError(f"unknown scale granularity {granularity!r}.", "Use channel or head.")
@@ -95,17 +101,22 @@ def read(path: Path, expect_model: dict, expect_compression: dict) -> dict:
     """Load and validate kv_scales.json against the model and compression being built."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"--kv-scales {path} is not a readable JSON file ({e}).", "Recreate it with `vtc-export calibrate`.") from e
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise InputError(f"--kv-scales {path} is not a readable JSON file ({why}).", "Recreate it with `vtc-export calibrate`.") from e
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or data.get("version") != VERSION:
         raise InputError(f"--kv-scales {path} is not a vtc.kv_scales version {VERSION} file.", "Recreate it with `vtc-export calibrate`.")
-    model = data.get("model", {})
+    for key in ("model", "compression", "calibration"):
+        if not isinstance(data.get(key), dict):
+            raise InputError(f"--kv-scales {path} has no {key!r} object (a vtc.kv_scales file records what it was "
+                             "calibrated for and on).", "Recreate it with `vtc-export calibrate`.")
+    model = data["model"]
     for key in ("num_layers", "num_kv_heads", "head_dim"):
         if model.get(key) != expect_model[key]:
             raise InputError(f"--kv-scales {path} is for another model ({key} {model.get(key)} != {expect_model[key]}).",
                              "Calibrate this checkpoint: vtc-export calibrate --model DIR ...")
-    comp = data.get("compression", {})
+    comp = data["compression"]
     for key in ("method", "k_visual"):
         if comp.get(key) != expect_compression[key]:
             raise InputError(f"--kv-scales {path} was calibrated for {key}={comp.get(key)!r}, this build uses "
@@ -120,6 +131,12 @@ def read(path: Path, expect_model: dict, expect_compression: dict) -> dict:
                          "Recreate it with `vtc-export calibrate`.")
     if any(not np.all(np.isfinite(a)) or np.any(a < 0) for pair in layers for a in pair):
         raise InputError(f"--kv-scales {path} has negative or non-finite thresholds.", "Recreate it with `vtc-export calibrate`.")
+    for i, pair in enumerate(layers):
+        for name, a in zip("kv", pair):
+            if a.size and a.max() > MAX_THRESHOLD:
+                raise InputError(f"--kv-scales {path} has a threshold of {a.max():.3g} (layer {i}, {name}); thresholds "
+                                 f"are K/V magnitudes, at most {MAX_THRESHOLD:g} (the float16 range a fallback layer "
+                                 "stores).", "Recreate it with `vtc-export calibrate`.")
     data["_arrays"] = layers
     return data
 

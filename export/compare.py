@@ -70,7 +70,10 @@ def compare_artifact(art: Path, names: list[str], image: str | None = None, prom
     """{"backends", "atol", "rtol", "rows"}: one row per graph output (see the module docstring)."""
     from vtc.runtime import manifest as mf
 
-    m = mf.load(Path(art), check_files=True)
+    if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 1:
+        raise UsageError(f"--decode-steps must be at least 1 (got {decode_steps}): it is the number of decode steps "
+                         "whose feeds are recorded.", "Pass e.g. --decode-steps 2 (the default).")
+    m = mf.load(Path(art), check_files="sizes")
     backends = [open_backend(b) for b in names]  # TensorRT or cuda-python missing: one clear error, here
     atol, rtol = tolerances(m, names, atol, rtol)
     with step(f"recording feeds from one ONNX Runtime generation ({decode_steps} decode steps)"):
@@ -113,7 +116,13 @@ def record_feeds(art: Path, image: str | None, prompt: str, decode_steps: int) -
     recorder = _Recorder(OrtBackend(provider="cpu"))
     vlm = VLM(art, backend=recorder, check_files=False)
     pixels = vlm.prepare_image(load_image(image) if image else shapes_image(336, COMPARE))
-    vlm.generate_from(pixels, vlm.prepare_prompt(prompt), max_new_tokens=decode_steps + 1, ignore_eos=True)
+    p = vlm.prepare_prompt(prompt)
+    room = vlm.cache.max_len - p.num_text - max(vlm.manifest.compression.kv_visual_per_layer) - 1  # + the prefill token
+    if decode_steps > room:
+        raise UsageError(f"--decode-steps {decode_steps} does not fit: the prompt leaves room for {max(room, 0)} decode "
+                         f"steps in the artifact's {vlm.cache.max_len}-position cache.",
+                         f"Pass --decode-steps {max(room, 1)} or less, or a shorter --prompt.")
+    vlm.generate_from(pixels, p, max_new_tokens=decode_steps + 1, ignore_eos=True)
     by_file = {g.file: name for name, g in vlm.manifest.graphs.items()}
     return {by_file[f]: feeds for f, feeds in recorder.feeds.items() if feeds}
 

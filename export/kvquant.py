@@ -13,7 +13,7 @@ import numpy as np
 
 from vtc.export.llm import KVQuant
 
-ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1, "float8_e4m3fn": 1}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8_e4m3fn": 1}
 SCALES_FILE = "kv_scales.json"
 
 
@@ -85,7 +85,7 @@ def plan(tmp: Path, bp, step) -> KVPlan:
 
     args = bp.args
     dtype, n = KV_DTYPES[bp.kv_cache], bp.lm.num_layers
-    if dtype in ("float32", "float16"):
+    if dtype in ("float32", "float16", "bfloat16"):
         return KVPlan(dtype, KVQuant((dtype,) * n, (None,) * n, (None,) * n))
     if args.kv_scales:
         model, comp = expectations(bp)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from vtc.export.lint_graph import ONNX_TYPE, GraphView, ShapeEvaluator
-from vtc.runtime.errors import ExportError
+from vtc.runtime.errors import ExportError, UsageError
 
 RULES_FILE = Path(__file__).parent / "data" / "tensorrt_onnx_ops.json"
 TYPE_INPUT = {"Where": 1}  # which input carries the op's data type (default 0)
@@ -93,7 +93,8 @@ def lint_artifact(artifact_dir: Path, target_cc: str | None = None) -> LintRepor
     """Lint every graph of a built artifact (its manifest's graphs and profiles)."""
     from vtc.runtime import manifest as mf
 
-    m = mf.load(Path(artifact_dir), check_files=False)
+    check_target_cc(target_cc)  # before the artifact is read
+    m = mf.load(Path(artifact_dir), check_files="sizes")
     return lint_graphs(Path(artifact_dir), m.graphs, target_cc)
 
 
@@ -255,6 +256,16 @@ def _fp8_finding(graph, n, target_cc) -> list[Finding]:
 
 def _cc_tuple(cc: str) -> tuple[int, ...]:
     return tuple(int(x) for x in str(cc).split("."))
+
+
+def check_target_cc(target_cc: str | None) -> None:
+    """--target-cc is a compute capability MAJOR.MINOR (8.7 Orin, 8.9 Ada, 9.0 Hopper) or None: a UsageError."""
+    if target_cc is None:
+        return
+    parts = str(target_cc).split(".")
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 2 for p in parts):
+        raise UsageError(f"--target-cc {target_cc!r} is not a compute capability MAJOR.MINOR.",
+                         "Pass e.g. --target-cc 8.7 (Jetson Orin), 8.9 (Ada) or 9.0 (Hopper).")
 
 
 def _c_no_quantized(g, graph, n, rule, _cc):

@@ -32,6 +32,7 @@ from vtc.runtime.manifest import GraphSpec, TensorSpec
 OPSET = 18
 FP8_OPSET = 19  # float8 Q/DQ needs opset >= 19
 MAX_SEQ_DIM = 32768
+EXTERNAL_ABOVE_BYTES = 256 << 20  # graphs whose model holds more weights than this store them in <graph>.onnx.data
 
 
 class VisionGraph(nn.Module):
@@ -125,8 +126,11 @@ class ExportVision(GraphLoader):
     def call_impl(self, path: Path) -> GraphSpec:
         dtype = next(self.graph.model.parameters()).dtype  # pixel_values in the graph dtype (build --dtype)
         pixels = torch.randn(1, 3, self.image_size, self.image_size, dtype=dtype)
+        # a large tower (CLIP-L: 0.6 GB in fp16) goes to vision.onnx.data: protobuf stops at 2 GiB, and the
+        # external data is read straight into the runtime's memory instead of through a parsed message
+        weights = sum(p.numel() * p.element_size() for p in self.graph.model.parameters())
         _export(self.graph, (pixels,), path, ["pixel_values"], ["image_embeds", "kept_index", "token_map"], None,
-                external=False)
+                external=weights > EXTERNAL_ABOVE_BYTES)
         return graph_spec(path, self.profiles)
 
     def cache_key(self, filename: str) -> str | None:
@@ -190,9 +194,6 @@ def export_llm(lm: StaticCacheLM, num_kv_heads: int, hidden: int, path: Path, pr
         from vtc.export.qdq import cast_to_qdq
 
         cast_to_qdq(path)  # explicit Q/DQ instead of Cast, for TensorRT
-    from vtc.export.past_slice import slice_past_to_length
-
-    slice_past_to_length(path)  # attention over the filled positions only: decode cost follows the context
     onnx.checker.check_model(str(path), full_check=False)
     return graph_spec(path, profiles)
 

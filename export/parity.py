@@ -66,22 +66,53 @@ def _token_check(got: list[int], ref: Reference, tol: float) -> dict:
     return out
 
 
+def parity_inputs(vlm: VLM, prompt_text: str = "Describe the image.") -> tuple[Prompt, np.ndarray]:
+    """The parity prompt (chat template, or raw with the image token) and image, through the runtime's own
+    tokenizer and preprocessing (no graph needed: VLM(..., open_graphs=False) will do)."""
+    has_template = vlm.manifest.text.chat_template is not None
+    prompt = vlm.prepare_prompt(prompt_text if has_template else f"{vlm.manifest.model.image_token}\n{prompt_text}",
+                                raw=not has_template)
+    return prompt, vlm.prepare_image(gradient_image(vlm.preprocessor.output_hw[0]))
+
+
+def check_tokens_fit(vlm: VLM, prompt: Prompt, tokens: int, flag: str) -> None:
+    """Refuse `tokens` greedy tokens that the artifact's cache cannot hold, before PyTorch generates them."""
+    from vtc.runtime.errors import UsageError
+
+    widest = max(vlm.manifest.compression.kv_visual_per_layer)
+    room = vlm.manifest.text.max_seq_len - prompt.num_text - widest
+    if tokens > room:
+        raise UsageError(f"{flag} {tokens} does not fit: the parity prompt leaves room for {room} tokens in this "
+                         f"artifact's {vlm.manifest.text.max_seq_len}-position cache.", f"Pass {flag} {max(room, 1)} or less.")
+
+
+def reference(adapter, model, method, plan, spec, prompt: Prompt, pixels: np.ndarray, max_new_tokens: int) -> Reference:
+    """The PyTorch side (vtc.export.reference), in the model's own dtype (the inputs are cast to it)."""
+    dtype = next(model.parameters()).dtype
+    return reference_generate(adapter, model, method, plan, spec, torch.from_numpy(pixels).to(dtype), prompt.before,
+                              prompt.after, max_new_tokens)
+
+
 def check(artifact_dir: Path, adapter, model, method, plan, spec, max_new_tokens: int = 8,
           prompt_text: str = "Describe the image.", vlm: VLM | None = None, kv_dtype: str | None = None,
           graph_dtype: str | None = None) -> dict:
     """Run the artifact and the PyTorch reference (`model`, float32) on the same inputs; return the parity report."""
     vlm = vlm or VLM(artifact_dir, check_files=False)
+    prompt, pixels = parity_inputs(vlm, prompt_text)
+    check_tokens_fit(vlm, prompt, max_new_tokens, "--tokens" if vlm.manifest.parity else "--parity-tokens")
+    ref = reference(adapter, model, method, plan, spec, prompt, pixels, max_new_tokens)
+    return compare_runtime(vlm, prompt, pixels, ref, kv_dtype, graph_dtype, prompt_text)
+
+
+def compare_runtime(vlm: VLM, prompt: Prompt, pixels: np.ndarray, ref: Reference, kv_dtype: str | None = None,
+                    graph_dtype: str | None = None, prompt_text: str = "Describe the image.") -> dict:
+    """The runtime side against a computed Reference: per-graph logits and the free-running greedy tokens."""
     kv_dtype = kv_dtype or vlm.manifest.kv_cache.dtype
     graph_dtype = graph_dtype or vlm.manifest.dtype
     tol = tolerance(kv_dtype, graph_dtype)
-    has_template = vlm.manifest.text.chat_template is not None
-    prompt = vlm.prepare_prompt(prompt_text if has_template else f"{vlm.manifest.model.image_token}\n{prompt_text}",
-                                raw=not has_template)
-    pixels = vlm.prepare_image(gradient_image(vlm.preprocessor.output_hw[0]))
-    ref = reference_generate(adapter, model, method, plan, spec, torch.from_numpy(pixels), prompt.before,
-                             prompt.after, max_new_tokens)
+    max_new_tokens = len(ref.tokens)
     image_embeds, _, _ = vlm.encode_image(pixels)
-    vision = compare(image_embeds, ref.image_embeds.numpy(), DTYPE_TOLERANCE[graph_dtype])
+    vision = compare(image_embeds, ref.image_embeds.float().numpy(), DTYPE_TOLERANCE[graph_dtype])
     forced = _teacher_forced_logits(vlm, prompt, image_embeds, ref.tokens)
     prefill = compare(forced[0], ref.step_logits[0].numpy(), tol)
     decode = compare(np.stack(forced[1:]), torch.stack(ref.step_logits[1:]).numpy(), tol)

@@ -135,7 +135,7 @@ def _existing(out: Path, bargs: BuildArgs) -> bool:
     from vtc.runtime import manifest as mf
 
     try:
-        m = mf.load(out, check_files=True)
+        m = mf.load(out, check_files="hashes")
     except ArtifactError:
         return False
     keys = ("model", "method", "ratio", "max_seq_len", "text_budget", "method_options", "kv_cache")
@@ -249,16 +249,23 @@ def sweep(args: SweepArgs, step: Callable = lambda _label: contextlib.nullcontex
     `on_variant(i, n, name, status)` reports progress: status is "skipped" (finished earlier),
     "start" or "done".
     """
-    from vtc.export import fidelity
+    from vtc.export import fidelity, models, placement
     from vtc.export.demo import ensure_demo_checkpoint
     from vtc.runtime.backend import get_backend
     from vtc.runtime.pipeline import VLM
 
     variants = plan_variants(args)
     model_dir = ensure_demo_checkpoint() if args.model is None else Path(args.model).expanduser()
+    models.resolve(model_dir)  # a bad --model (no config.json, not a VLM, unsupported) fails before anything is written
     root = Path(args.output) if args.output else Path("artifacts") / f"sweep-{_model_name(model_dir)}"
     items = eval_items(args) if args.eval_n else None  # a bad --eval-dataset fails before anything is written
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--output {root} is a file, not a sweep directory.", "Choose another --output.")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the sweep directory {root} ({e.strerror}).", "Choose another --output.") from e
+    placement.remove_dead_pid_files(root, f".{STATE}.tmp-")  # a killed sweep's half-written state file
     settings = _settings(args, model_dir)
     state = load_state(root, settings, args.force)
     save_state(root, state)

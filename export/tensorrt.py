@@ -204,13 +204,26 @@ def quantized_types(onnx_path: Path) -> set[str]:
     return found & {"INT8", "FP8"}
 
 
+REDUCED = {"float16": "fp16", "bfloat16": "bf16"}  # graph dtypes (build --dtype) that make a strongly typed network
+
+
+def graph_dtype(spec) -> str:
+    """The float dtype a graph computes in: that of its first floating-point input (build --dtype)."""
+    return next((t.dtype for t in spec.inputs if t.dtype in ("float32", *REDUCED)), "float32")
+
+
 def create_config(spec, profiles: dict, options: EngineOptions, quantized: set[str] = frozenset()):
-    """Polygraphy's CreateConfig for one graph (lazy: TensorRT is imported when it is called)."""
+    """Polygraphy's CreateConfig for one graph (lazy: TensorRT is imported when it is called).
+
+    A float32 graph is weakly typed: --precision lets TensorRT lower layers, and the INT8/FP8 flags are
+    set for its Q/DQ. An fp16/bf16 graph (build --dtype) is built strongly typed: every tensor keeps the
+    type the graph gives it, so no precision flag is set (TensorRT refuses them on such networks)."""
     from polygraphy.backend.trt import CreateConfig
 
+    weak = graph_dtype(spec) not in REDUCED
     return CreateConfig(
-        tf32=False, fp16=options.precision == "fp16", bf16=options.precision == "bf16",
-        int8="INT8" in quantized, fp8="FP8" in quantized,  # explicit quantization: Q/DQ in the graph, no calibrator
+        tf32=False, fp16=weak and options.precision == "fp16", bf16=weak and options.precision == "bf16",
+        int8=weak and "INT8" in quantized, fp8=weak and "FP8" in quantized,  # explicit quantization: Q/DQ, no calibrator
         profiles=trt_profiles(spec, profiles),
         memory_pool_limits=None if options.workspace_bytes is None else PoolLimits(options.workspace_bytes),
         load_timing_cache=options.timing_cache_path,
@@ -224,7 +237,9 @@ def engine_loader(onnx_path: Path, engine_path: Path, spec, profiles: dict, opti
     from polygraphy.backend.common import SaveBytes
     from polygraphy.backend.trt import EngineBytesFromNetwork, NetworkFromOnnxPath
 
-    network = NetworkFromOnnxPath(str(onnx_path))  # the parser resolves external data next to the file
+    typed = graph_dtype(spec) in REDUCED
+    # the parser resolves external data next to the file; fp16/bf16 graphs: strongly typed (create_config)
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True if typed else None)
     build = EngineBytesFromNetwork(network, config=create_config(spec, profiles, options, quantized),
                                    save_timing_cache=options.timing_cache_path)
     return SaveBytes(build, path=str(engine_path))
@@ -264,8 +279,15 @@ def build_engines(directory: Path, graphs: dict, options: EngineOptions, step, o
         entries[name] = {"file": (Path(ENGINE_DIR) / path.name).as_posix(), "profiles": list(profiles),
                          "quantized": sorted(quantized[name])}
     return mf.EngineInfo(tensorrt_version=trt.__version__, device=device.name,
-                         compute_capability=device.compute_capability, precision=options.precision, graphs=entries,
+                         compute_capability=device.compute_capability, precision=engine_precision(graphs, options),
+                         graphs=entries,
                          options={k: v for k, v in asdict(options).items() if k != "precision"})
+
+
+def engine_precision(graphs: dict, options: EngineOptions) -> str:
+    """fp16/bf16 for strongly typed (reduced-precision) graphs, else --precision."""
+    typed = {REDUCED[d] for d in (graph_dtype(s) for s in graphs.values()) if d in REDUCED}
+    return typed.pop() if len(typed) == 1 else options.precision
 
 
 def quiet_polygraphy() -> None:
@@ -298,38 +320,31 @@ def engine_step(directory: Path, graphs: dict, options: EngineOptions | None, st
 
 # -- engines for an existing artifact (vtc-export engine) -----------------------------------------
 def build_engines_in_place(art: Path, options: EngineOptions, step):
-    """`vtc-export engine`: lint, build into art/.engines.partial-*, then swap in art/engines and rewrite
-    the manifest last (atomically, os.replace): an interrupted build leaves the artifact as it was."""
+    """`vtc-export engine`: lint, build into art/.engines.partial-*/new (vtc.export.placement: locked by
+    art/.engines.lock, a dead run's partial directory removed first), then swap in art/engines and replace
+    the manifest last (os.replace): an interrupted build (exception, Ctrl-C, SIGTERM) leaves the artifact as
+    it was. The old engines are deleted file by file, only those the manifest lists; an engines directory
+    holding anything else is refused before the build."""
     import dataclasses
-    import os
-    import shutil
-    import tempfile
-    import time
 
+    from vtc.export import placement
     from vtc.export.lint import lint_graphs
     from vtc.runtime import manifest as mf
 
-    m = mf.load(art, check_files=True)
-    with step("checking the graphs against TensorRT's ONNX parser support (lint)"):
-        lint_graphs(art, m.graphs).raise_if_errors()
-    tmp = Path(tempfile.mkdtemp(prefix=".engines.partial-", dir=art))
-    staged = art / (mf.MANIFEST + ".partial")
-    old = art / f".{ENGINE_DIR}.old-{time.strftime('%H%M%S')}"
-    try:
-        info = build_engines(art, m.graphs, options, step, out_dir=tmp)
-        files = {k: v for k, v in m.files.items() if not k.startswith(ENGINE_DIR + "/")}
-        for p in sorted(tmp.iterdir()):
+    mf.load(art, check_files=False)  # a missing or damaged artifact fails here, before anything is written
+    prefix = ENGINE_DIR + "/"
+
+    def listed() -> set[str]:  # the engine files the manifest lists: all that may be replaced
+        return {k[len(prefix):] for k in mf.load(art, check_files=False).files if k.startswith(prefix)}
+
+    with placement.signals_raise(), \
+            placement.claim_inside(art, ENGINE_DIR, listed, Path(art) / mf.MANIFEST) as claim:
+        m = mf.load(art, check_files="sizes")  # after a killed run's leftovers were settled (claim_inside)
+        with step("checking the graphs against TensorRT's ONNX parser support (lint)"):
+            lint_graphs(art, m.graphs).raise_if_errors()
+        info = build_engines(art, m.graphs, options, step, out_dir=claim.path)
+        files = {k: v for k, v in m.files.items() if not k.startswith(prefix)}
+        for p in sorted(claim.path.iterdir()):
             files[f"{ENGINE_DIR}/{p.name}"] = {"sha256": mf.sha256_file(p), "bytes": p.stat().st_size}
-        staged.write_text(dataclasses.replace(m, engines=info, files=files).to_json())
-        if (art / ENGINE_DIR).exists():
-            (art / ENGINE_DIR).rename(old)
-        tmp.rename(art / ENGINE_DIR)
-        os.replace(staged, art / mf.MANIFEST)  # last: the manifest names only files that are in place
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        staged.unlink(missing_ok=True)
-        if old.exists() and not (art / ENGINE_DIR).exists():
-            old.rename(art / ENGINE_DIR)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        claim.commit(staged_manifest=dataclasses.replace(m, engines=info, files=files).to_json())
     return info

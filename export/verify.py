@@ -17,7 +17,7 @@ def verify(artifact_dir: Path, tokens: int = 32, model_dir: str | None = None, s
 
     step = step or (lambda _label: contextlib.nullcontext())
     with step("checking manifest and file checksums"):
-        m = mf.load(artifact_dir, check_files=True)
+        m = mf.load(artifact_dir, check_files="hashes")
     src = Path(model_dir) if model_dir else Path(m.model.source)
     if not src.is_dir():
         raise ModelError(f"the source checkpoint {src} recorded in the manifest is not there.",

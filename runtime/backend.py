@@ -43,7 +43,8 @@ class GraphSession:
 
 
 class OrtSession(GraphSession):
-    def __init__(self, path: Path, spec: GraphSpec, threads: int | None, provider: str = "cpu", spin: bool = True):
+    def __init__(self, path: Path, spec: GraphSpec, threads: int | None, provider: str = "cpu", spin: bool = True,
+                 fold_constants: bool = True):
         super().__init__(spec)
         import onnxruntime as ort
 
@@ -56,12 +57,16 @@ class OrtSession(GraphSession):
             opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         providers, self.fallback = ort_providers(ort, provider)
+        if providers[0] == "CPUExecutionProvider" and any(t.dtype == "bfloat16" for t in spec.inputs):
+            raise BackendError(f"{path.name} is a bfloat16 graph (build --dtype bf16), and ONNX Runtime's CPU provider "
+                               "has no bfloat16 kernels.", "Run it with --backend tensorrt on a GPU, or rebuild with "
+                               "--dtype fp16 (or fp32) for ONNX Runtime.")
         try:
             # ORT 1.31 + float8 Q/DQ (the fp8 KV cache): ClipQuantRewrite rejects a float8 zero point, and the
             # extended-level QDQ transformers move Transposes in front of DequantizeLinear onto float8 tensors,
             # which have no CPU Transpose kernel. Such graphs run with basic optimizations (FP8 is a TensorRT /
             # SM 8.9+ feature; on CPU it runs for verification).
-            disabled = ["ClipQuantRewrite"]
+            disabled = ["ClipQuantRewrite"] + ([] if fold_constants else ["ConstantFolding"])
             if any(t.dtype == "float8_e4m3fn" for t in spec.inputs):
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             self.session = ort.InferenceSession(str(path), opts, providers=providers, disabled_optimizers=disabled)
@@ -116,14 +121,49 @@ def ort_providers(ort, provider: str) -> tuple[list[str], str | None]:
                     + (" and TensorRT" if provider == "tensorrt" else "") + " for the GPU.")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one, else os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_threads(threads, source: str = "--threads") -> int | None:
+    """ONNX Runtime intra-op threads: None or 0 = ONNX Runtime's default (None), else 1..usable_cores().
+    More threads than cores only slows inference down (and 10^5 of them exhaust the host): a UsageError."""
+    if threads is None:
+        return None
+    try:
+        n = int(threads) if not isinstance(threads, (bool, float)) else None
+    except (TypeError, ValueError):
+        n = None
+    cores = usable_cores()
+    if n is None or not 0 <= n <= cores:
+        raise UsageError(f"{source} {threads!r} is not a thread count for this machine: it has {cores} usable "
+                         f"core{'s' if cores != 1 else ''}.",
+                         f"Set {source} to 1..{cores}, or unset it." if source == "VTC_THREADS" else
+                         f"Pass 1 to {cores}, or 0 for ONNX Runtime's default.")
+    return n or None
+
+
+def env_threads() -> int | None:
+    """The VTC_THREADS environment variable, checked like --threads (unset or empty: None)."""
+    value = os.environ.get("VTC_THREADS", "").strip()
+    return check_threads(value, "VTC_THREADS") if value else None
+
+
 class OrtBackend:
     name = "onnxruntime"
 
-    def __init__(self, threads: int | None = None, provider: str = "cpu"):
-        self.threads = threads or int(os.environ.get("VTC_THREADS", "0")) or None
+    def __init__(self, threads: int | None = None, provider: str = "cpu", fold_constants: bool = True):
+        self.threads = check_threads(threads) or env_threads()
         self.provider = provider
         self.fallback: str | None = None  # why a session runs on another provider than asked
         self.spin = True
+        # fold_constants=False keeps an fp16 graph's weights in fp16 on the CPU provider (it then casts them per
+        # call instead of holding float32 copies: half the memory, slower); the build's memory-lean parity uses it
+        self.fold_constants = fold_constants
 
     def prepare(self, manifest) -> None:
         """Per-artifact session settings. An LLM split into segments (in-LLM methods) runs two sessions
@@ -133,7 +173,8 @@ class OrtBackend:
         self.spin = "llm" in manifest.graphs
 
     def open(self, artifact_dir: Path, spec: GraphSpec) -> GraphSession:
-        session = OrtSession(Path(artifact_dir) / spec.file, spec, self.threads, self.provider, self.spin)
+        session = OrtSession(Path(artifact_dir) / spec.file, spec, self.threads, self.provider, self.spin,
+                             self.fold_constants)
         self.fallback = self.fallback or session.fallback
         return session
 
@@ -147,7 +188,8 @@ class OrtBackend:
 def get_backend(name: str = "onnxruntime", threads: int | None = None, provider: str = "cpu", **kwargs):
     """The runtime backend `name` (`run --backend/--threads/--provider`): onnxruntime with `threads` intra-op
     threads on ONNX Runtime's execution `provider` (its `fallback` says why it left the one asked for), or
-    tensorrt: the artifact's engines, which have neither threads nor providers (threads is ignored)."""
+    tensorrt: the artifact's engines, which have neither threads nor providers (threads is checked, then ignored)."""
+    check_threads(threads)
     if name in ("onnxruntime", "ort"):
         return OrtBackend(threads=threads, provider=provider, **kwargs)
     if name == "tensorrt":

@@ -58,6 +58,8 @@ def _item(raw: str, n: int, root: Path) -> Item:
         d = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ValueError(f"malformed JSON ({e.msg})") from e
+    except RecursionError as e:
+        raise ValueError("malformed JSON (nested too deeply)") from e
     if not isinstance(d, dict):
         raise ValueError("not a JSON object")
     answers = d.get("answer")
@@ -70,16 +72,28 @@ def _item(raw: str, n: int, root: Path) -> Item:
         raise ValueError("missing image path")
     image = (root / d["image"]) if not Path(d["image"]).is_absolute() else Path(d["image"])
     if not image.is_file():
-        raise ValueError(f"image {image} does not exist")
+        raise ValueError(f"image {image} is a directory, not an image file" if image.is_dir() else
+                         f"image {image} does not exist")
     return Item(image, d["question"], answers, str(d.get("type", "all")), n)
 
 
 def load_jsonl(path: Path, on_error: str, limit: int | None) -> tuple[list, Problems]:
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"dataset {path} does not exist.", "Pass an existing JSONL file, or `synthetic` for the built-in task.")
+        what = "is a directory, not a file" if path.is_dir() else "is not a regular file" if path.exists() else \
+            "does not exist"
+        raise InputError(f"dataset {path} {what}.", "Pass a JSONL file, or `synthetic` for the built-in task.")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read dataset {path} ({e.strerror or e}).", "Check its permissions.") from e
     items, problems = [], Problems()
-    for n, raw in enumerate(path.read_text().splitlines(), 1):
+    for n, raw_bytes in enumerate(data.splitlines(), 1):
+        try:
+            raw = raw_bytes.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM may open the file
+        except UnicodeDecodeError as e:
+            problems.add(n, f"not UTF-8 text (byte 0x{raw_bytes[e.start]:02x} at column {e.start + 1})", on_error)
+            continue
         if not raw.strip():
             continue
         try:

@@ -1,12 +1,19 @@
-"""The static KV cache: preallocated buffers the runtime owns; graphs only ever see views of them.
+"""The KV cache: buffers the runtime owns; graphs only ever see views of them.
 
-    layers[i] [2, 1, Hkv, M, Dh]    (key|value, batch, kv head, position, head dim), one per layer, in
-                                    that layer's storage dtype (float32, float16, int8; float8_e4m3fn
-                                    is held as uint8 bytes, which numpy cannot name)
+    layers[i] [2, 1, Hkv, C, Dh]    (key|value, batch, kv head, position, head dim), one per layer, in
+                                    that layer's storage dtype (float32, float16, bfloat16, int8;
+                                    float8_e4m3fn is held as uint8 bytes, which numpy cannot name)
 
 Each layer keeps its own valid length (`lengths` [L]); entries at or beyond it are masked in the
 graph. A step writes only the new tokens' K/V (the graph's `present_*` outputs, [1, Hkv, S, Dh]) at
-`lengths[i]`; the cache is never copied, rewritten or re-quantized as a whole.
+`lengths[i]`; the cache is never rewritten or re-quantized as a whole.
+
+Capacity buckets: a decode step's attention reads the whole past it is fed, so the past is fed at the
+current capacity C, not at max_seq_len: C is the smallest power of two >= the filled length (at least
+MIN_BUCKET, at most max_seq_len), the same for every layer (the graphs share one `past_seq` dim).
+When a write needs more, all layers grow to the next bucket: one copy of the filled part per doubling
+(amortised O(1) per token), so a decode step costs what the context needs, within 2x, whatever
+--max-seq-len the artifact was built with. TensorRT's decode profile covers [MIN_BUCKET, max_seq_len].
 """
 
 from __future__ import annotations
@@ -38,20 +45,52 @@ def bfloat16() -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16)
 
 
+MIN_BUCKET = 64  # smallest decode capacity (positions); the build's decode profile starts here
+
+
+def bucket(need: int, max_len: int) -> int:
+    """The capacity for `need` filled positions: a power of two >= need, at least MIN_BUCKET, at most max_len."""
+    c = MIN_BUCKET
+    while c < need:
+        c *= 2
+    return min(c, max_len)
+
+
 class StaticKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, dtypes="float32"):
         self.max_len = max_len
+        self.shape = (num_kv_heads, head_dim)
         dtypes = [dtypes] * num_layers if isinstance(dtypes, str) else list(dtypes)
-        self.layers = [np.zeros((2, 1, num_kv_heads, max_len, head_dim), dtype=storage_dtype(d)) for d in dtypes]
+        self.dtypes = [storage_dtype(d) for d in dtypes]
         self.lengths = np.zeros(num_layers, dtype=np.int64)  # [L]
-        # The same view objects every step, so backends can bind them once (zero-copy).
-        self._prefill_feeds, self._decode_feeds = {}, {}
-        for i, layer in enumerate(self.layers):
-            empty = np.zeros((1, num_kv_heads, 0, head_dim), dtype=layer.dtype)
-            for j, kind in enumerate(("key", "value")):
+        self._prefill_feeds = {}  # zero-length pasts, the same objects every prefill
+        for i, dt in enumerate(self.dtypes):
+            empty = np.zeros((1, num_kv_heads, 0, head_dim), dtype=dt)
+            for kind in ("key", "value"):
                 self._prefill_feeds[f"past_{kind}.{i}"] = empty
-                self._decode_feeds[f"past_{kind}.{i}"] = layer[j]
+        self._allocate(bucket(1, max_len))
 
+    def _allocate(self, capacity: int) -> None:
+        """(Re)allocate every layer at `capacity`, keeping the filled entries; rebuilds the decode views
+        (the same view objects until the next growth, so backends bind them once)."""
+        hkv, dh = self.shape
+        old = getattr(self, "layers", None)
+        self.layers = [np.zeros((2, 1, hkv, capacity, dh), dtype=dt) for dt in self.dtypes]
+        if old is not None:
+            for i, (new, prev) in enumerate(zip(self.layers, old)):
+                n = int(self.lengths[i])
+                new[:, :, :, :n] = prev[:, :, :, :n]
+        self.capacity = capacity
+        self._decode_feeds = {f"past_{kind}.{i}": layer[j] for i, layer in enumerate(self.layers)
+                              for j, kind in enumerate(("key", "value"))}
+
+    def reserve(self, need: int) -> None:
+        """Make room for `need` filled positions in every layer (grows to the next bucket)."""
+        if need > self.max_len:
+            raise InputError(f"the KV cache is full ({self.max_len} positions).",
+                             "Ask for fewer new tokens, or rebuild with a larger --max-seq-len.")
+        if need > self.capacity:
+            self._allocate(bucket(need, self.max_len))
     @property
     def num_layers(self) -> int:
         return len(self.layers)
@@ -65,6 +104,7 @@ class StaticKVCache:
         return int(sum(layer[:, :, :, 0].nbytes * n for layer, n in zip(self.layers, self.lengths)))
 
     def reset(self) -> None:
+        """A new prompt: nothing is filled (the capacity stays: a conversation of similar length reuses it)."""
         self.lengths[:] = 0
 
     def past_feeds(self, empty: bool, layers: range | None = None) -> dict[str, np.ndarray]:
@@ -81,9 +121,7 @@ class StaticKVCache:
         append at each layer's own length."""
         seq = presents[0].shape[2]
         layers = range(first, first + len(presents) // 2)
-        if int(self.lengths[first:layers.stop].max()) + seq > self.max_len:
-            raise InputError(f"the KV cache is full ({self.max_len} positions).",
-                             "Ask for fewer new tokens, or rebuild with a larger --max-seq-len.")
+        self.reserve(int(self.lengths[first:layers.stop].max()) + seq)
         for j, i in enumerate(layers):
             start = int(self.lengths[i])
             self.layers[i][0, :, :, start:start + seq] = presents[2 * j]

@@ -57,6 +57,7 @@ class LanguageModel:
         # Decode feeds: persistent arrays (bound once by the backend), views of the cache for the past.
         self._step = [self._feeds(seg, np.zeros((1, 1, d), _hidden_dtype(seg.session)), np.zeros((1, 1), np.int64), decode=True)
                       for seg in self.segments]
+        self._step_capacity = self.cache.capacity  # the cache bucket the decode views belong to
         self.position = 0
         self.last_pruned: Pruned | None = None
         self.last_select_ms = 0.0  # the in-LLM selection's own time at the last prefill
@@ -108,6 +109,11 @@ class LanguageModel:
 
     def decode(self, token_embed: np.ndarray) -> np.ndarray:
         """token_embed [D] at the next position -> logits [V]."""
+        self.cache.reserve(int(self.cache.lengths.max()) + 1)  # grow before the step, never inside it
+        if self._step_capacity != self.cache.capacity:  # grown: bind the new views (once per bucket)
+            for seg, feeds in zip(self.segments, self._step):
+                feeds.update(self.cache.past_feeds(empty=False, layers=range(seg.first, seg.end)))
+            self._step_capacity = self.cache.capacity
         hidden = token_embed
         for seg, feeds in zip(self.segments, self._step):
             key = "inputs_embeds" if seg.first == 0 else "hidden_states"

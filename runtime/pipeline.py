@@ -50,11 +50,15 @@ class GenerationResult:
 class VLM:
     """A built artifact, opened for inference. Not thread-safe (one static KV cache)."""
 
-    def __init__(self, artifact_dir: Path, backend=None, check_files: str | bool = "sizes", manifest=None):
+    def __init__(self, artifact_dir: Path, backend=None, check_files: str | bool = "sizes", manifest=None,
+                 open_graphs: bool = True):
         """Open `artifact_dir`: its manifest.json, validated, and its files checked at level `check_files`
         (vtc.runtime.manifest.load: "sizes" by default, "hashes" for every sha256, False when the caller
         checked them); `manifest`: an in-memory Manifest to use instead of the file (the build's parity
-        check, before it writes one)."""
+        check, before it writes one); `open_graphs=False`: tokenizer and preprocessing only, the graphs are
+        opened by `open()` (the build prepares parity inputs before the PyTorch model is freed)."""
+        self._t0 = time.perf_counter()
+        self.load_ms = 0.0  # opening the artifact: manifest + file checks + tokenizer + every graph session
         self.dir = Path(artifact_dir)
         self.manifest = m = manifest if manifest is not None else mf.load(self.dir, check_files=check_files)
         self.backend = backend or get_backend()
@@ -63,6 +67,13 @@ class VLM:
         self.embed = np.load(self.dir / m.embeddings["file"], mmap_mode="r", allow_pickle=False)  # [V, D]
         if m.embeddings.get("dtype") == "bfloat16":  # stored as raw 16-bit words (.npy has no bfloat16)
             self.embed = self.embed.view(storage_dtype("bfloat16"))
+        self.eos = set(m.text.eos_token_ids)
+        if open_graphs:
+            self.open()
+
+    def open(self) -> None:
+        """Open every graph on the backend, and the KV cache."""
+        m = self.manifest
         if hasattr(self.backend, "prepare"):
             self.backend.prepare(m)
         sessions = {name: self.backend.open(self.dir, spec) for name, spec in m.graphs.items()}
@@ -71,7 +82,7 @@ class VLM:
         self.cache = StaticKVCache(m.lm.num_layers, m.lm.num_kv_heads, m.lm.head_dim, m.text.max_seq_len,
                                    m.kv_cache.layer_dtypes)
         self.lm = LanguageModel(m, sessions, self.cache)
-        self.eos = set(m.text.eos_token_ids)
+        self.load_ms = (time.perf_counter() - self._t0) * 1e3
 
     # -- inputs ----------------------------------------------------------------------------------
     def prepare_prompt(self, prompt: str, raw: bool = False) -> Prompt:

@@ -10,7 +10,9 @@ torchvision is installed) resizes differently and is not what this module reprod
 from __future__ import annotations
 
 import json
+import math
 import struct
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,19 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vtc.runtime.errors import InputError, ModelError
+from vtc.runtime.errors import InputError, ModelError, VtcError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Processor types (after dropping a "Fast"/"Pil" suffix) -> whether `do_pad` means LLaVA's pad-to-square.
 SUPPORTED_TYPES = {"CLIPImageProcessor": False, "LlavaImageProcessor": True}
 RESAMPLE_FILTERS = {0, 1, 2, 3, 4, 5}  # PIL: NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
+# Input bounds, checked on the header (before any decode) and again before every pad/resize/crop, so an
+# image's memory cost is bounded whatever its file size: a 168-byte 30000x1 PNG would otherwise be padded
+# or resized to gigabytes. PIL's own limit (a warning at 89 MP, an error at 179 MP) is far above these.
+MAX_IMAGE_PIXELS = 40_000_000  # width x height of an input image (e.g. 7300 x 5475)
+MAX_IMAGE_SIDE = 16_384  # its longer side, in pixels
+MAX_WORK_PIXELS = 64_000_000  # any image preprocessing makes from it (pad-to-square, resize, crop): 8000 x 8000
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -40,16 +48,35 @@ def load_image(path: str | Path) -> Image.Image:
     if p.is_dir():
         raise InputError(f"Image path {str(p)!r} is a directory, not an image file.",
                          "Pass the path of one image file.")
+    if not p.is_file():
+        raise InputError(f"Image path {str(p)!r} is not a regular file (a device, pipe or socket).",
+                         "Pass the path of one image file.")
     try:
-        with Image.open(p) as img:
+        with warnings.catch_warnings():  # PIL warns from 89 MP: the check below refuses those in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(p)  # lazy: reads the header only
+        with img:
+            check_image_size(*img.size, what=repr(str(p)))  # before the decode allocates anything
             img.load()  # force a full decode: catches truncated and corrupt files now, not mid-inference
             return ImageOps.exif_transpose(img).convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error,
-            Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # PIL's own limit, past ours: the header says more than 179 MP
+        raise InputError(f"{str(p)!r} is too large an image ({err})",
+                         f"vtc takes at most {MAX_IMAGE_PIXELS / 1e6:g} megapixels: downscale it first.") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as err:
         raise InputError(
             f"Cannot read {str(p)!r} as an image ({type(err).__name__}: {err}).",
             "Pass a complete, uncorrupted image file (JPEG, PNG, WebP, ...).",
         ) from err
+
+
+def check_image_size(width: int, height: int, what: str = "the image") -> None:
+    """Refuse an input image over MAX_IMAGE_PIXELS or MAX_IMAGE_SIDE (or an empty one) with an InputError."""
+    if width < 1 or height < 1:
+        raise InputError(f"{what} is {width}x{height} pixels: it has no pixels.", "Pass a non-empty image.")
+    if max(width, height) > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
+        raise InputError(f"{what} is {width}x{height} pixels ({width * height / 1e6:.3g} MP); vtc takes at most "
+                         f"{MAX_IMAGE_PIXELS / 1e6:g} MP and {MAX_IMAGE_SIDE} pixels a side.",
+                         "Downscale or crop the image first (a VLM sees it at a few hundred pixels a side anyway).")
 
 
 def convert_to_rgb(image: Image.Image) -> Image.Image:
@@ -88,11 +115,12 @@ def _size_dict(value: Any, default_to_square: bool, key: str) -> dict[str, int]:
     if isinstance(value, bool) or value is None:
         raise ModelError(f"preprocessor_config.json: {key!r} is {value!r}, not a size.", "Fix the checkpoint config.")
     if isinstance(value, int):
-        return {"height": value, "width": value} if default_to_square else {"shortest_edge": value}
+        side = _side(value, key)
+        return {"height": side, "width": side} if default_to_square else {"shortest_edge": side}
     if isinstance(value, (list, tuple)) and len(value) == 2:
-        return {"height": int(value[0]), "width": int(value[1])}
+        return {"height": _side(value[0], key), "width": _side(value[1], key)}
     if isinstance(value, dict) and set(value) in ({"height", "width"}, {"shortest_edge"}):
-        return {k: int(v) for k, v in value.items()}
+        return {k: _side(v, f"{key}.{k}") for k, v in value.items()}
     raise ModelError(
         f"preprocessor_config.json: {key}={value!r} is not supported (vtc implements "
         "{'shortest_edge'} and {'height', 'width'}).",
@@ -100,17 +128,46 @@ def _size_dict(value: Any, default_to_square: bool, key: str) -> dict[str, int]:
     )
 
 
+def _side(value: Any, key: str) -> int:
+    """One image side in a size dict: a positive whole number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or value != int(value) \
+            or value < 1:
+        raise ModelError(f"preprocessor_config.json: {key}={value!r} is not a positive whole number of pixels.",
+                         "Fix the config.")
+    return int(value)
+
+
+def _finite(value: Any) -> bool:
+    """A real, finite number (bools are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _number(value: Any, key: str) -> float:
+    if not _finite(value):
+        raise ModelError(f"preprocessor_config.json: {key}={value!r} is not a finite number.", "Fix the config.")
+    return float(value)
+
+
 def _triple(value: Any, key: str) -> tuple[float, float, float]:
     """A per-channel mean/std as three floats (a scalar is broadcast, as ``normalize`` does)."""
-    values = [value] * 3 if isinstance(value, (int, float)) else list(value)
-    if len(values) != 3:
-        raise ModelError(f"preprocessor_config.json: {key} has {len(values)} values, not 3.", "Fix the config.")
-    return (float(values[0]), float(values[1]), float(values[2]))
+    if not isinstance(value, (list, tuple)):
+        value = [_number(value, key)] * 3
+    if len(value) != 3:
+        raise ModelError(f"preprocessor_config.json: {key} has {len(value)} values, not 3.", "Fix the config.")
+    return (_number(value[0], key), _number(value[1], key), _number(value[2], key))
 
 
 def _processor_type(cfg: dict) -> str:
     """The processor class name as ``AutoImageProcessor`` resolves it, without the backend suffix."""
     name = cfg.get("image_processor_type") or ""
+    if not isinstance(name, str):
+        raise ModelError(f"preprocessor_config.json: image_processor_type={name!r} is not a class name.",
+                         "Fix the config.")
     if not name and cfg.get("feature_extractor_type"):
         name = str(cfg["feature_extractor_type"]).replace("FeatureExtractor", "ImageProcessor")
     base = name.removesuffix("Fast").removesuffix("Pil")
@@ -153,20 +210,16 @@ def _resize_hw(hw: tuple[int, int], shortest_edge: int | None, fixed: tuple[int,
     return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
-def _pad_to_square(arr: np.ndarray, color: tuple[int, ...]) -> np.ndarray:
-    """Mirror ``LlavaImageProcessorPil.pad_to_square`` on an HWC uint8 array (image centred, floor offset)."""
-    height, width = arr.shape[:2]
+def _pad_to_square(image: Image.Image, color: tuple[int, ...]) -> Image.Image:
+    """Mirror ``LlavaImageProcessorPil.pad_to_square`` (image centred, floor offset, `color` around it) on an
+    RGB image. The same uint8 pixels as HF's numpy padding, made in one PIL buffer instead of a numpy array
+    plus the PIL copy the resize needs."""
+    width, height = image.size
     if height == width:
-        return arr
+        return image
     side = max(height, width)
-    out = np.empty((side, side, arr.shape[2]), dtype=arr.dtype)
-    out[...] = np.asarray(color, dtype=arr.dtype)
-    if width > height:
-        top = (side - height) // 2
-        out[top:top + height] = arr
-    else:
-        left = (side - width) // 2
-        out[:, left:left + width] = arr
+    out = Image.new(image.mode, (side, side), color)
+    out.paste(image, ((side - width) // 2, (side - height) // 2))
     return out
 
 
@@ -205,8 +258,26 @@ class ImagePreprocessor:
     image_std: tuple[float, float, float]
 
     @classmethod
-    def from_config(cls, cfg: dict) -> ImagePreprocessor:
-        """Build from a ``preprocessor_config.json`` dict, resolving defaults like ``PilBackend.__init__``."""
+    def from_config(cls, cfg: dict, error: type[VtcError] = ModelError) -> ImagePreprocessor:
+        """Build from a ``preprocessor_config.json`` dict, resolving defaults like ``PilBackend.__init__``.
+
+        Any bad value is one ``error`` (ModelError for a checkpoint's config; the artifact check passes
+        ArtifactError for a manifest's ``preprocess``), never a KeyError/TypeError/ValueError."""
+        try:
+            return cls._from_config(cfg)
+        except ModelError as e:
+            if error is ModelError:
+                raise
+            raise error(e.what.replace("preprocessor_config.json: ", "image processor config: "), e.fix) from e
+        except (TypeError, ValueError, OverflowError, AttributeError, KeyError) as e:  # a safety net
+            raise error(f"image processor config: {type(e).__name__}: {str(e)[:200]}.",
+                        "Fix the config (or rebuild the artifact).") from e
+
+    @classmethod
+    def _from_config(cls, cfg: dict) -> ImagePreprocessor:
+        if not isinstance(cfg, dict):
+            raise ModelError(f"preprocessor_config.json: the config is a {type(cfg).__name__}, not an object.",
+                             "Fix the config.")
         base = _processor_type(cfg)
         _check_unsupported(cfg, base)
         size = _size_dict(_pick(cfg, "size", {"shortest_edge": 224}), bool(_pick(cfg, "default_to_square", False)),
@@ -216,7 +287,7 @@ class ImagePreprocessor:
         if do_center_crop and "height" not in crop:
             raise ModelError(f"preprocessor_config.json: crop_size={crop} needs height and width.", "Fix the config.")
         resample = _pick(cfg, "resample", 3)
-        if isinstance(resample, bool) or resample not in RESAMPLE_FILTERS:
+        if not _finite(resample) or resample not in RESAMPLE_FILTERS:
             raise ModelError(f"preprocessor_config.json: resample={resample!r} is not a PIL filter (0-5).",
                              "Fix the config.")
         return cls(
@@ -230,7 +301,7 @@ class ImagePreprocessor:
             do_center_crop=do_center_crop,
             crop_hw=(crop["height"], crop["width"]) if "height" in crop else None,
             do_rescale=bool(_pick(cfg, "do_rescale", True)),
-            rescale_factor=float(_pick(cfg, "rescale_factor", 1 / 255)),
+            rescale_factor=_number(_pick(cfg, "rescale_factor", 1 / 255), "rescale_factor"),
             do_normalize=bool(_pick(cfg, "do_normalize", True)),
             image_mean=_triple(_pick(cfg, "image_mean", OPENAI_CLIP_MEAN), "image_mean"),
             image_std=_triple(_pick(cfg, "image_std", OPENAI_CLIP_STD), "image_std"),
@@ -260,20 +331,51 @@ class ImagePreprocessor:
         """The image as the model sees it, before rescale/normalize: uint8 [H, W, 3] (for overlays)."""
         if not isinstance(image, Image.Image):
             raise InputError(f"Expected a PIL image, got {type(image).__name__}.", "Load it with load_image(path).")
+        self.check_size(*image.size)  # before any copy, pad or resize
         if self.do_convert_rgb:
             image = convert_to_rgb(image)
         elif image.mode != "RGB":
             raise InputError(f"Image mode is {image.mode!r}, not RGB, and the processor does not convert it.",
                              "Convert the image to RGB first (load_image does).")
-        arr = np.asarray(image)
         if self.do_pad_to_square:
-            arr = _pad_to_square(arr, tuple(int(m * 255) for m in self.image_mean))
+            color = tuple(int(m * 255) for m in self.image_mean)
+            if not all(0 <= c <= 255 for c in color):
+                raise ModelError(f"image processor config: image_mean {list(self.image_mean)} gives the pad colour "
+                                 f"{color}, outside 0-255.", "Fix image_mean (values in 0-1), or rebuild the artifact.")
+            image = _pad_to_square(image, color)
         if self.do_resize:
-            height, width = _resize_hw(arr.shape[:2], self.shortest_edge, self.resize_hw)
-            arr = np.asarray(Image.fromarray(arr).resize((width, height), resample=self.resample))
+            height, width = _resize_hw((image.height, image.width), self.shortest_edge, self.resize_hw)
+            image = image.resize((width, height), resample=self.resample)
+        arr = np.asarray(image)
         if self.do_center_crop:
             arr = _center_crop(arr, self.crop_hw)
         return arr
+
+    def check_size(self, width: int, height: int, what: str = "the image") -> None:
+        """Refuse (InputError) an image over MAX_IMAGE_PIXELS / MAX_IMAGE_SIDE, or one that pad-to-square,
+        the resize or the center crop would turn into more than MAX_WORK_PIXELS, before any of them runs."""
+        check_image_size(width, height, what)
+        h, w = height, width
+        if self.do_pad_to_square and h != w:
+            h = w = max(h, w)
+            self._check_work("padding it to a square", width, height, w, h, what,
+                             f"Crop or downscale it to at most {math.isqrt(MAX_WORK_PIXELS)} pixels on its longer side.")
+        if self.do_resize:
+            h, w = _resize_hw((h, w), self.shortest_edge, self.resize_hw)
+            ratio = MAX_WORK_PIXELS // self.shortest_edge ** 2 if self.resize_hw is None else None
+            self._check_work("resizing it", width, height, w, h, what,
+                             f"Crop it to an aspect ratio of at most {ratio}:1." if ratio else
+                             "This artifact's resize size is too large: rebuild it from a sane checkpoint config.")
+        if self.do_center_crop:
+            self._check_work("center-cropping it", width, height, max(w, self.crop_hw[1]), max(h, self.crop_hw[0]),
+                             what, "This artifact's crop size is too large: rebuild it from a sane checkpoint config.")
+
+    @staticmethod
+    def _check_work(step: str, width: int, height: int, w: int, h: int, what: str, fix: str) -> None:
+        if w * h > MAX_WORK_PIXELS:
+            raise InputError(f"{what} is {width}x{height} pixels: {step} would make a {w}x{h} image "
+                             f"({w * h / 1e6:.3g} MP), over vtc's limit of {MAX_WORK_PIXELS / 1e6:g} MP for the images "
+                             "preprocessing makes.", fix)
 
     def _to_float(self, arr: np.ndarray) -> np.ndarray:
         """Mirror ``image_transforms.rescale`` (float64 multiply, float32 cast) and ``normalize`` (float32)."""

@@ -159,6 +159,7 @@ def profile(artifact_dir: Path, cfg: ProfileConfig = ProfileConfig(),
     runs, power, mem = _measured_runs(vlm, image, cfg, on_run)
     report = build_report(Path(artifact_dir), vlm, cfg, runs, power, mem)
     report["cold_start"] = cold
+    report["load_ms"] = vlm.load_ms  # opening the artifact (file size checks, sessions), before any query
     return report
 
 

@@ -143,15 +143,12 @@ def test_build_existing_output_needs_force(capsys, tmp_path, ckpt):
     assert no_partials(tmp_path) == []
 
 
-def test_build_force_replaces_output(capsys, tmp_path, ckpt):
+def test_build_force_replaces_output(capsys, tmp_path, ckpt, art):
     out = tmp_path / "art"
-    out.mkdir()
-    (out / "manifest.json").write_text("{}")  # an (old, even damaged) artifact may be replaced
-    (out / "keep.txt").write_text("old")
+    shutil.copytree(art, out)  # a complete vtc artifact may be replaced (anything else: tests/test_placement.py)
     rc, stdout, err = run_cli(capsys, "build", "--model", ckpt, "--output", out, "--force", "--method", "pool",
                               "--ratio", "0.25", "--max-seq-len", "256", "--text-budget", "48", "--parity-tokens", "2")
     assert rc == 0, err
-    assert not (out / "keep.txt").exists()
     m = mf.load(out, check_files=True)  # a complete, valid artifact
     assert (m.compression.method, m.compression.k_visual) == ("pool", 16)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no .partial-*/.old-* left behind
@@ -385,3 +382,276 @@ def test_list(capsys):
     assert rc == 0, err
     for name in ("pool", "cls-attn", "none", "llava"):
         assert name in out
+
+
+# -- 6. input bounds and one-line errors (issue 15: defects 4, 6 and 7) ----------------------------
+# Each test is one reproducer of the audit: the exit code, exactly one `error: ...` line, no traceback,
+# nothing written. `_no_work` replaces the expensive step a check must come before with a test failure.
+WORK = {"eval": ("vtc.runtime.pipeline", "VLM"), "run": ("vtc.runtime.pipeline", "VLM"),
+        "verify": ("vtc.export.verify", "verify"), "calibrate": ("vtc.export.kvquant", "write_scales"),
+        "profile": ("vtc.runtime.profiler", "open_artifact"), "compare": ("vtc.export.compare", "compare_artifact"),
+        "build": ("vtc.export.models", "resolve")}
+
+
+def _no_work(monkeypatch, cmd: str) -> None:
+    import importlib
+
+    module, attr = WORK[cmd]
+
+    def fail(*_a, **_k):
+        pytest.fail(f"`{cmd}` started its work ({module}.{attr}) before refusing its bad arguments")
+
+    monkeypatch.setattr(importlib.import_module(module), attr, fail)
+
+
+def _listing(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
+
+@pytest.mark.parametrize("width", [30000, 80000])
+def test_run_image_over_the_pixel_limits(capsys, tmp_path, monkeypatch, art, width):
+    """Defect 4: a 168-byte 30000x1 PNG took 4.9 GB and 10 s (80000x1: over 12 GB). Now refused from its
+    header, before the artifact loads (peak RSS measured in tests/test_input_bounds.py)."""
+    from PIL import Image
+
+    img = tmp_path / f"w{width}.png"
+    Image.new("RGB", (width, 1)).save(img)
+    before = _listing(tmp_path)
+    _no_work(monkeypatch, "run")
+    assert_fails(capsys, "run", art, "--image", img, "--prompt", "What is this?", code=1,
+                 contains=(f"{width}x1 pixels", "40 MP", "16384 pixels a side"))
+    assert _listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("cmd", ["run", "profile"])
+@pytest.mark.parametrize("threads", ["100000", "-1"])
+def test_threads_bounded_by_the_usable_cores(capsys, monkeypatch, art, cmd, threads):
+    """Defect 4: --threads 100000 exhausted the host; negative counts were accepted."""
+    _no_work(monkeypatch, cmd)
+    argv = ["run", art, "--image", SHAPES, "--prompt", "What?"] if cmd == "run" else ["profile", art, "--runs", "1"]
+    assert_fails(capsys, *argv, "--threads", threads, code=2, contains=(f"--threads {threads}", "usable core"))
+
+
+def test_sweep_threads_refused_before_any_build(capsys, tmp_path, monkeypatch, ckpt):
+    out = tmp_path / "sweep"
+    _no_work(monkeypatch, "build")
+    assert_fails(capsys, "sweep", "--model", ckpt, "--methods", "pool", "--ratios", "1.0,0.5", "--threads", "-1",
+                 "--output", out, code=2, contains=("--threads -1", "usable core"))
+    assert _listing(tmp_path) == []
+
+
+def test_vtc_threads_environment_checked_too(capsys, monkeypatch, art):
+    monkeypatch.setenv("VTC_THREADS", "abc")
+    _no_work(monkeypatch, "run")
+    assert_fails(capsys, "run", art, "--image", SHAPES, "--prompt", "What?", code=2, contains=("VTC_THREADS 'abc'",))
+
+
+@pytest.mark.parametrize("flags, contains", [
+    (("--temperature", "nan"), "--temperature nan"),  # defect 6: AttributeError in the sampler
+    (("--seed", "-5", "--temperature", "1"), "--seed -5"),  # defect 6: numpy's ValueError
+    (("--temperature", "-1"), "--temperature -1"),  # defect 7: accepted silently (greedy)
+    (("--temperature", "inf"), "--temperature inf"),
+    (("--temperature", "1", "--top-p", "0"), "--top-p 0"),
+    (("--temperature", "1", "--top-p", "2"), "--top-p 2"),
+    (("--temperature", "1", "--top-p", "nan"), "--top-p nan"),
+])
+def test_run_sampling_flags_validated(capsys, monkeypatch, art, flags, contains):
+    _no_work(monkeypatch, "run")
+    assert_fails(capsys, "run", art, "--image", SHAPES, "--prompt", "What?", *flags, code=2, contains=(contains,))
+
+
+@pytest.mark.parametrize("flags, contains", [
+    (("--parity-tokens", "0"), ("--parity-tokens 0",)),  # was a traceback after an 11 s export
+    (("--max-seq-len", str(10 ** 9)), ("--max-seq-len 1000000000", "1048576")),  # was 715 GiB at parity
+    (("--text-budget", "300", "--max-seq-len", "256"), ("--text-budget 300",)),
+    (("--kv-cache", "int8", "--kv-statistic", "percentile:abc"), ("--kv-statistic 'percentile:abc'",)),
+    (("--kv-cache", "int8", "--kv-scales", "{dir}"), ("--kv-scales", "is a directory, not a file")),
+    (("--kv-cache", "int8", "--calib-images", str(SHAPES), "--calib-prompts", str(SHAPES)),
+     ("--calib-images", "is a file, not a directory")),
+    (("--kv-cache", "int8", "--calib-images", "{dir}", "--calib-prompts", "{dir}"),
+     ("--calib-prompts", "is a directory, not a file")),
+])
+def test_build_flags_refused_before_the_checkpoint_is_read(capsys, tmp_path, monkeypatch, ckpt, flags, contains):
+    out = tmp_path / "out"
+    flags = [f.replace("{dir}", str(tmp_path)) for f in flags]
+    _no_work(monkeypatch, "build")
+    assert_fails(capsys, "build", "--model", ckpt, "--output", out, *flags, code=2, contains=contains)
+    assert _listing(tmp_path) == []
+
+
+def test_calibrate_statistic_refused_before_the_checkpoint_is_read(capsys, tmp_path, monkeypatch, ckpt):
+    _no_work(monkeypatch, "build")
+    assert_fails(capsys, "calibrate", "--model", ckpt, "--ratio", "1.0", "--kv-statistic", "percentile:abc",
+                 "-o", tmp_path / "s.json", code=2, contains=("--kv-statistic",))
+    assert _listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("tokens, contains", [("0", "--tokens must be at least 1"), ("100000", "--tokens 100000")])
+def test_verify_tokens_bounded(capsys, monkeypatch, art, tokens, contains):
+    """Defect 6: `verify --tokens 0` was a traceback; 100000 ran PyTorch for minutes before failing."""
+    _no_work(monkeypatch, "verify")
+    assert_fails(capsys, "verify", art, "--tokens", tokens, code=2, contains=(contains,))
+
+
+def _model_copy(ckpt: Path, tmp_path: Path) -> Path:
+    model = tmp_path / "model"
+    shutil.copytree(ckpt, model)
+    return model
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header_length_1e15"])
+def test_build_damaged_safetensors(capsys, tmp_path, ckpt, damage):
+    """Defect 6: safetensors' own SafetensorError escaped as a traceback."""
+    model = _model_copy(ckpt, tmp_path)
+    f = model / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncated" else (10 ** 15).to_bytes(8, "little") + data[8:])
+    out = tmp_path / "out"
+    assert_fails(capsys, "build", "--model", model, "--output", out, code=1,
+                 contains=("model.safetensors", "not a complete safetensors file", "Re-download"))
+    assert not out.exists() and no_partials(tmp_path) == []
+
+
+@pytest.mark.parametrize("text, contains", [("[1, 2]", "is a JSON list, not an object"),
+                                            ("[" * 100000 + "]" * 100000, "nested too deeply")])
+def test_build_config_json_not_an_object(capsys, tmp_path, ckpt, text, contains):
+    model = _model_copy(ckpt, tmp_path)
+    (model / "config.json").write_text(text)
+    out = tmp_path / "out"
+    assert_fails(capsys, "build", "--model", model, "--output", out, code=1, contains=("config.json", contains))
+    assert not out.exists() and no_partials(tmp_path) == []
+
+
+def test_build_without_tokenizer_fails_before_loading_the_model(capsys, tmp_path, monkeypatch, ckpt):
+    """Defect 7: tokenizer.json was checked only after the export."""
+    from vtc.export.models.llava import ADAPTER
+
+    model = _model_copy(ckpt, tmp_path)
+    (model / "tokenizer.json").unlink()
+    monkeypatch.setattr(type(ADAPTER), "load", lambda *_a, **_k: pytest.fail("the model was loaded first"))
+    out = tmp_path / "out"
+    assert_fails(capsys, "build", "--model", model, "--output", out, code=1, contains=("no tokenizer.json",))
+    assert not out.exists() and no_partials(tmp_path) == []
+
+
+def _kv_scales(art: Path, path: Path, edit) -> Path:
+    m = mf.load(art)
+    heads, dim = m.lm.num_kv_heads, m.lm.head_dim
+    data = {"schema": "vtc.kv_scales", "version": 1,
+            "model": {"num_layers": m.lm.num_layers, "num_kv_heads": heads, "head_dim": dim},
+            "compression": {"method": "none", "k_visual": m.compression.k_visual},
+            "statistic": "absmax", "granularity": "channel", "calibration": {"set": "test", "pairs": 1},
+            "layers": [{"k": [[1.0] * dim] * heads, "v": [[1.0] * dim] * heads} for _ in range(m.lm.num_layers)]}
+    edit(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("edit, contains", [
+    (lambda d: d.pop("calibration"), "no 'calibration' object"),  # defect 6: KeyError
+    (lambda d: d["layers"][0]["k"][0].__setitem__(0, 1e300), "threshold of 1e+300"),  # defect 7: "a vtc bug"
+])
+def test_build_bad_kv_scales_file(capsys, tmp_path, ckpt, art, edit, contains):
+    scales = _kv_scales(art, tmp_path / "kv_scales.json", edit)
+    out = tmp_path / "out"
+    line = assert_fails(capsys, "build", "--model", ckpt, "--method", "none", "--kv-cache", "int8", "--kv-scales",
+                        scales, "--output", out, "--max-seq-len", "256", "--text-budget", "48", code=1,
+                        contains=("--kv-scales", contains, "vtc-export calibrate"))
+    assert "vtc bug" not in line
+    assert not out.exists() and no_partials(tmp_path) == []
+
+
+def test_build_output_dot(capsys, tmp_path, monkeypatch, ckpt):
+    monkeypatch.chdir(tmp_path)
+    for force in ((), ("--force",)):
+        assert_fails(capsys, "build", "--model", ckpt, "--output", ".", *force, code=2, contains=("--output .",))
+    assert _listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "read_only_mount"])
+def test_build_unwritable_output(capsys, tmp_path, ckpt, where):
+    if where == "under_a_file":
+        (tmp_path / "notes.txt").write_text("mine")
+        out = tmp_path / "notes.txt" / "art"
+    else:
+        if not Path("/sys").is_dir():
+            pytest.skip("no /sys")
+        out = Path("/sys/vtc-test-artifact")
+    assert_fails(capsys, "build", "--model", ckpt, "--output", out, code=2, contains=(str(out.parent),))
+    assert not out.exists()
+    if where == "under_a_file":
+        assert _listing(tmp_path) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def _writer_argv(cmd: str, art: Path, ckpt: Path, target: Path) -> list:
+    return {"eval": ["eval", art, "--dataset", "synthetic", "--limit", "2", "--json", target],
+            "verify": ["verify", art, "--tokens", "2", "--json", target],
+            "calibrate": ["calibrate", "--model", ckpt, "--ratio", "1.0", "-o", target],
+            "profile": ["profile", art, "--runs", "1", "--csv", target],
+            "compare": ["compare", art, "--backends", "ort,ort", "--json", target],
+            "run": ["run", art, "--image", SHAPES, "--prompt", "What?", "--overlay", target]}[cmd]
+
+
+@pytest.mark.parametrize("cmd", ["eval", "verify", "calibrate", "profile", "compare", "run"])
+@pytest.mark.parametrize("target, contains", [("missing/out.json", "its directory does not exist"),
+                                              (".", "is a directory, not a file")])
+def test_output_file_checked_before_the_work(capsys, tmp_path, monkeypatch, art, ckpt, cmd, target, contains):
+    """Defect 6: --json/-o into a missing directory failed after all the work (eval, verify, calibrate);
+    `profile --csv DIR` was an IsADirectoryError."""
+    _no_work(monkeypatch, cmd)
+    before = _listing(tmp_path)
+    assert_fails(capsys, *_writer_argv(cmd, art, ckpt, tmp_path / target), code=2, contains=(contains,))
+    assert _listing(tmp_path) == before
+
+
+def test_eval_non_utf8_and_deeply_nested_lines(capsys, tmp_path, art):
+    """Defect 6: a non-UTF-8 dataset was a UnicodeDecodeError, deep nesting a RecursionError. Now they are
+    bad lines like any other, reported with their numbers."""
+    ds = tmp_path / "ds.jsonl"
+    good = json.dumps({"image": str(SHAPES), "question": "what color is the circle?", "answer": "red"})
+    ds.write_bytes(b'{"image": "x.png", "question": "caf\xe9?", "answer": "no"}\n'
+                   + ("[" * 100000 + "]" * 100000).encode() + b"\n" + good.encode() + b"\n")
+    rc, out, err = run_cli(capsys, "eval", art, "--dataset", ds, "--max-new-tokens", "2")
+    assert rc == 0, err
+    assert "Traceback" not in err and "1 examples" in out
+    assert "skipped line 1:" in err and "not UTF-8" in err and "skipped line 2:" in err and "nested too deeply" in err
+    assert_fails(capsys, "eval", art, "--dataset", ds, "--on-error", "stop", code=1, contains=("line 1", "not UTF-8"))
+
+
+@pytest.mark.parametrize("content", ['{"image": "missing.png", "question": "q?", "answer": "no"}\n', ""])
+def test_eval_nothing_scored_exits_1(capsys, tmp_path, art, content):
+    """Defect 7: eval exited 0 (accuracy "-") when no example was scored."""
+    ds = tmp_path / "ds.jsonl"
+    ds.write_text(content)
+    report = tmp_path / "report.json"
+    line = assert_fails(capsys, "eval", art, "--dataset", ds, "--json", report, code=1, contains=("no example",))
+    assert ("missing.png does not exist" in line) == bool(content)
+    assert not report.exists()
+
+
+@pytest.mark.parametrize("case, contains", [
+    ("model_is_a_file", ("--model", "is a file, not a directory")),
+    ("dataset_is_a_directory", ("dataset", "is a directory, not a file")),
+    ("artifact_is_a_file", ("not a directory",)),
+])
+def test_paths_of_the_wrong_kind_say_so(capsys, tmp_path, art, case, contains):
+    """Defect 7: a directory was reported as "does not exist"."""
+    argv = {"model_is_a_file": ["build", "--model", SHAPES, "--output", tmp_path / "out"],
+            "dataset_is_a_directory": ["eval", art, "--dataset", tmp_path],
+            "artifact_is_a_file": ["run", SHAPES, "--image", SHAPES, "--prompt", "What?"]}[case]
+    line = assert_fails(capsys, *argv, code=None, contains=contains)
+    assert "does not exist" not in line
+    assert _listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("steps", ["-1", "0", "100000"])
+def test_compare_decode_steps_names_its_own_flag(capsys, art, steps):
+    """Defect 7: `compare --decode-steps -1` named --max-new-tokens."""
+    line = assert_fails(capsys, "compare", art, "--backends", "ort,ort", "--decode-steps", steps, code=2,
+                        contains=(f"--decode-steps {steps}" if steps == "100000" else "--decode-steps",))
+    assert "--max-new-tokens" not in line
+
+
+def test_lint_target_cc_must_be_a_compute_capability(capsys, art):
+    """Defect 6: `lint --target-cc abc` was a ValueError (FP8 graphs) or silently accepted."""
+    assert_fails(capsys, "lint", art, "--target-cc", "abc", code=2, contains=("--target-cc 'abc'", "8.7"))

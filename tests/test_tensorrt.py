@@ -101,7 +101,9 @@ def test_profiles_follow_the_manifest(art):
     assert prefill["position_ids"][0] == (1, lo) and prefill["position_ids"][2] == (1, hi)
     assert prefill["past_key.0"] == ((1, hkv, 0, dh),) * 3  # prefill: empty past
     assert decode["inputs_embeds"] == ((1, 1, d),) * 3
-    assert decode["past_value.1"] == ((1, hkv, max_len, dh),) * 3  # decode: the static cache
+    lo = min(64, max_len)  # decode: the cache at its capacity bucket, vtc.runtime.kv_cache.MIN_BUCKET .. max_seq_len
+    assert decode["past_value.1"] == ((1, hkv, lo, dh), (1, hkv, min(max_len, lo + OPT_TEXT_TOKENS), dh),
+                                      (1, hkv, max_len, dh))
     assert decode["past_lengths"] == ((lm.num_layers,),) * 3 and decode["logits_index"] == ((1,),) * 3
     assert [list(p) for p in (prefill, decode)] == [[t.name for t in spec.inputs]] * 2
     (static,) = trt_profiles(m.graphs["vision"], graph_profiles("vision", m.graphs))

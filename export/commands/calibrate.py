@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vtc.export.commands.args import BuildOptionsArgs, KvCacheArgs
-from vtc.export.commands.ui import out, quiet_transformers, step, subcommand
+from vtc.export.commands.ui import check_outputs, out, quiet_transformers, step, subcommand
 
 OPTIONS, KV = BuildOptionsArgs(calibrate=True), KvCacheArgs(with_dtype=False)
 
@@ -26,6 +26,7 @@ def run(args) -> int:
     from vtc.export.build import BuildArgs
     from vtc.export.kvquant import write_scales
 
+    check_outputs(args.output)  # before the calibration run, not after it
     quiet_transformers()
     # The statistics are those of a quantized cache; int8 and fp8 share them (the scales file says which fits).
     bargs = BuildArgs(**OPTIONS.parse(args), **KV.parse(args), kv_cache="int8")

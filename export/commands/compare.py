@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vtc.export.commands.ui import out, step, subcommand
+from vtc.export.commands.ui import check_outputs, out, step, subcommand
 
 
 def add_parser(subparsers):
@@ -33,6 +33,7 @@ def run(args) -> int:
     from vtc.export.compare import backend_names, compare_artifact
 
     names = backend_names(args.backends)
+    check_outputs(args.json)  # before the work, not after it
     result = compare_artifact(Path(args.artifact), names, image=args.image, prompt=args.prompt,
                               decode_steps=args.decode_steps, atol=args.atol, rtol=args.rtol, step=step)
     rows = result["rows"]

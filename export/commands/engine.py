@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vtc.export.commands.args import EngineArgs
-from vtc.export.commands.ui import out, step, subcommand
+from vtc.export.commands.ui import check_outputs, out, step, subcommand
 
 ENGINE = EngineArgs(with_backend=False)
 
@@ -27,6 +27,7 @@ def run(args) -> int:
     from vtc.runtime.units import format_bytes
 
     opts = check_backend("tensorrt", ENGINE.given(args))  # fails at once without TensorRT
+    check_outputs(args.timing_cache)  # updated after the build: writable now
     art = Path(args.artifact)
     info = build_engines_in_place(art, opts, step)
     out.print(f"engines: TensorRT {info.tensorrt_version} on {info.device} (compute capability "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vtc.export.commands.ui import err, out, subcommand
+from vtc.export.commands.ui import check_outputs, err, out, subcommand
 
 
 def add_parser(subparsers):
@@ -25,6 +25,15 @@ def add_parser(subparsers):
     return e
 
 
+def _nothing_scored(dataset: str, problems: list) -> None:
+    """An accuracy of nothing is no result: say why, exit 1, write nothing."""
+    from vtc.runtime.errors import InputError
+
+    first = f"; the first, line {problems[0]['line']}: {problems[0]['message']}" if problems else ""
+    raise InputError(f"no example of {dataset} could be scored ({len(problems)} line(s) skipped{first}).",
+                     "Fix the dataset: one JSON object {image, question, answer} per line, images relative to the file.")
+
+
 def run(args) -> int:
     from vtc.runtime import evaluate as ev
     from vtc.runtime.errors import UsageError
@@ -32,14 +41,21 @@ def run(args) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1 (got {args.limit}).", "Pass a positive number.")
-    vlm = VLM(Path(args.artifact))
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens}).", "Pass a positive number.")
+    check_outputs(args.json)  # before the work, not after it
     if args.dataset == "synthetic":
         items, problems = ev.synthetic(args.seed, args.limit or 120), ev.Problems()
-    else:
+    else:  # read (and, with --on-error stop, checked) before the artifact loads
         items, problems = ev.load_jsonl(Path(args.dataset), args.on_error, args.limit)
+    if not items:
+        _nothing_scored(args.dataset, [{"line": n, "message": m} for n, m in problems.lines])
+    vlm = VLM(Path(args.artifact))
     with err.status(f"evaluating {len(items)} examples...") as status:
         report = ev.evaluate(vlm, items, problems, args.on_error, args.max_new_tokens,
                              progress=lambda k: status.update(f"evaluating: {k}/{len(items)}"))
+    if not report["examples"]:
+        _nothing_scored(args.dataset, report["problems"])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     c = vlm.manifest.compression

@@ -87,6 +87,8 @@ def _print_profile(report: dict) -> None:
         table.add_row(METRICS.get(key, (s["label"],))[0], *(_number(s[k], s["unit"]) for k in ("mean", "std", "p50", "p90", "p99")),
                       s["unit"], style=style)
     out.print(table)
+    if report.get("load_ms") is not None:
+        out.print(f"load: {report['load_ms']:.1f} ms to open the artifact (manifest, file size checks, graph sessions)")
     cold = report.get("cold_start")
     if cold:
         out.print(f"first query after loading the artifact (cold, as a one-shot `vtc-export run`): TTFT "

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from vtc.export.commands.args import RuntimeBackendArgs
-from vtc.export.commands.ui import err, subcommand
+from vtc.export.commands.ui import check_outputs, err, subcommand
 
 BACKEND = RuntimeBackendArgs()
 
@@ -38,13 +38,15 @@ def run(args) -> int:
     from vtc.runtime.preprocess import load_image
     from vtc.runtime.sampling import SamplingConfig
 
-    backend = BACKEND.parse(args)
+    # every flag, the image and the --overlay path first: a bad one fails before the artifact loads
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    check_outputs(args.overlay)
+    backend = BACKEND.parse(args)  # --threads: 0 or 1..usable cores
+    image = load_image(args.image)  # size bounds checked on the header, before the decode
     vlm = VLM(Path(args.artifact), backend=backend)
     if getattr(backend, "fallback", None):
         err.print(f"[yellow]note:[/] {backend.fallback}")
-    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     on_text = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    image = load_image(args.image)
     res = vlm.generate(image, args.prompt, raw=args.raw, max_new_tokens=args.max_new_tokens,
                        sampling=sampling, on_text=on_text)
     c = vlm.manifest.compression

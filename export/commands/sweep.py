@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 
 from vtc.export.commands.args import SweepOptionsArgs
-from vtc.export.commands.ui import err, out, progress, quiet_transformers, subcommand
+from vtc.export.commands.ui import check_output_dir, err, out, progress, quiet_transformers, subcommand
 from vtc.runtime.units import format_bytes
 
 OPTIONS = SweepOptionsArgs()
@@ -29,8 +29,13 @@ def run(args) -> int:
     from vtc.runtime import charts
 
     quiet_transformers()
-    sargs = OPTIONS.parse(args)
+    from vtc.runtime.preprocess import load_image
+
+    sargs = OPTIONS.parse(args)  # --threads: 0 or 1..usable cores
     sw.plan_variants(sargs)  # bad names and ratios fail before anything is built
+    check_output_dir(args.output or "artifacts", "--output")
+    for image in sargs.images:  # read after the first build otherwise
+        load_image(image)
     charts.pyplot()  # the chart needs matplotlib: fail now, not after the builds
     with progress(err) as bar:
         task = bar.add_task("sweep", total=None)

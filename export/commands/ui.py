@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -48,10 +49,47 @@ def progress(console):
 
 
 def check_outputs(*paths: str | None) -> None:
-    """Output files whose directory is missing fail before any work, not after it."""
+    """Output files (--json FILE, --csv, -o FILE, ...), checked before any work, not after it: not a
+    directory, their directory exists, and this process can create a file there (a real probe: an
+    unnamed temporary file, so permission bits, read-only mounts and root are all judged alike)."""
     for p in paths:
-        if p and not Path(p).expanduser().resolve().parent.is_dir():
+        if not p:
+            continue
+        path = Path(p).expanduser()
+        if path.is_dir():
+            raise UsageError(f"cannot write {p}: it is a directory, not a file.",
+                             "Pass a file name (e.g. DIR/report.json), or choose another path.")
+        parent = path.resolve().parent
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"cannot write {p}: {parent} is a file, not a directory.", "Choose another path.")
+        if not parent.is_dir():
             raise UsageError(f"cannot write {p}: its directory does not exist.", "Create it, or choose another path.")
+        _probe_writable(parent, p)
+        if path.exists() and not os.access(path, os.W_OK):
+            raise UsageError(f"cannot write {p}: the file is read-only.", "Choose another path, or make it writable.")
+
+
+def check_output_dir(path: str | Path, flag: str) -> None:
+    """A directory an output goes into (created with its parents when missing): not a file, and its
+    nearest existing ancestor a directory this process can create files in."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a directory.", f"Choose another {flag}.")
+    existing = p.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"cannot create {flag} {path}: {existing} is a file, not a directory.", f"Choose another {flag}.")
+    _probe_writable(existing, path)
+
+
+def _probe_writable(directory: Path, what) -> None:
+    try:
+        with tempfile.TemporaryFile(dir=directory):  # unnamed where the OS can (O_TMPFILE): nothing is left behind
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write {what}: {directory} does not let this process create files "
+                         f"({e.strerror or e}).", "Choose another path, or fix that directory's permissions.") from e
 
 
 def quiet_transformers() -> None:

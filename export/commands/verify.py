@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vtc.export.commands.ui import out, quiet_transformers, step, subcommand
+from vtc.export.commands.ui import check_outputs, out, quiet_transformers, step, subcommand
 
 
 def add_parser(subparsers):
@@ -22,7 +22,20 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     from vtc.export.verify import verify
+    from vtc.runtime.errors import UsageError
 
+    from vtc.runtime import manifest as mf
+
+    if args.tokens < 1:
+        raise UsageError(f"--tokens must be at least 1 (got {args.tokens}): it is the number of greedy tokens compared.",
+                         "Pass e.g. --tokens 32 (the default).")
+    check_outputs(args.json)  # before the work, not after it
+    m = mf.load(Path(args.artifact), check_files=False)  # the cache size, before PyTorch generates the reference
+    visual = max(m.compression.kv_visual_per_layer)
+    if args.tokens >= m.text.max_seq_len - visual:  # the prompt needs at least one text token too
+        raise UsageError(f"--tokens {args.tokens} cannot fit: the artifact's cache holds {m.text.max_seq_len} positions, "
+                         f"{visual} of them visual; the prompt and the compared tokens share the other "
+                         f"{m.text.max_seq_len - visual}.", "Pass fewer, e.g. --tokens 32 (the default).")
     quiet_transformers()
     report = verify(Path(args.artifact), tokens=args.tokens, model_dir=args.model, step=step)
     if args.json:

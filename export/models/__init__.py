@@ -40,17 +40,39 @@ def read_config(checkpoint_dir: Path) -> dict:
         raise ModelError(f"{checkpoint_dir} is not a Hugging Face checkpoint: it has no config.json.",
                          "Pass the directory that `save_pretrained` wrote (config.json, *.safetensors, tokenizer).")
     try:
-        return json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{cfg_path} is not valid JSON ({e}).", "Re-download or re-save the checkpoint.") from e
+    except RecursionError as e:
+        raise ModelError(f"{cfg_path} is nested too deeply to be a model config.",
+                         "Re-download or re-save the checkpoint.") from e
+    except OSError as e:
+        raise ModelError(f"cannot read {cfg_path} ({e.strerror or e}).", "Check its permissions.") from e
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{cfg_path} is a JSON {type(cfg).__name__}, not an object, so it is not a model config.",
+                         "Re-download or re-save the checkpoint.")
+    return cfg
+
+
+def require_files(checkpoint_dir: Path) -> None:
+    """The files a build reads besides config.json and the weights, checked before the model loads: the
+    fast tokenizer (tokenizer.json, which the runtime reads) and a supported image processor config."""
+    from vtc.runtime.preprocess import ImagePreprocessor
+
+    if not (Path(checkpoint_dir) / "tokenizer.json").is_file():
+        raise ModelError(f"{checkpoint_dir} has no tokenizer.json (the fast-tokenizer file vtc's runtime reads).",
+                         "Save the checkpoint's fast tokenizer: AutoTokenizer.from_pretrained(dir).save_pretrained(dir).")
+    ImagePreprocessor.from_dir(checkpoint_dir)  # missing, unparsable or unsupported: a ModelError
 
 
 def resolve(checkpoint_dir: Path):
     """The adapter for this checkpoint's architecture."""
     cfg = read_config(checkpoint_dir)
     model_type = cfg.get("model_type")
-    if model_type in _REGISTRY:
-        return importlib.import_module(f"{__name__}.{_REGISTRY[model_type]}").ADAPTER
+    if isinstance(model_type, str) and model_type in _REGISTRY:
+        adapter = importlib.import_module(f"{__name__}.{_REGISTRY[model_type]}").ADAPTER
+        require_files(checkpoint_dir)
+        return adapter
     listed = ", ".join(f"{mt} ({name})" for mt, name in supported().items())
     if "vision_config" not in cfg and "text_config" not in cfg:
         raise ModelError(f"{checkpoint_dir} is not a vision-language checkpoint (model_type={model_type!r}, "
