@@ -40,6 +40,8 @@ def write(out: Path, src: Path, adapter, model) -> dict:
     if template is not None:
         (out / "chat_template.jinja").write_text(template)
     preprocess = ImagePreprocessor.from_dir(src).to_dict()
+    # the same values in a listed, hashed file: the runtime checks the manifest's against it (artifact_check)
+    (out / "preprocess.json").write_text(json.dumps(preprocess, indent=2) + "\n")
     weights = adapter.embed_table(model)  # [V, D], in the graph dtype (build --dtype)
     dtype = str(weights.dtype).removeprefix("torch.")
     # bfloat16 is stored as its raw 16 bits (.npy has no bfloat16); the runtime views it back (manifest dtype)

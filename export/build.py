@@ -190,6 +190,9 @@ def prepare(args: BuildArgs, step: Callable, check_output: bool = True) -> Build
         _check_output(out, src, args.force)
     dtype = args.dtype or ("fp16" if args.backend == "tensorrt" else "fp32")
     kv_cache = args.kv_cache or dtype
+    if "bf16" in (kv_cache, dtype) and kv_cache != dtype and kv_cache not in ("int8", "fp8"):
+        raise UsageError(f"--kv-cache {kv_cache} with --dtype {dtype}: a bfloat16 cache goes with bfloat16 graphs only.",
+                         "Drop --kv-cache (it follows --dtype), or pass --dtype bf16.")
     with step(f"loading {adapter.model_type} checkpoint ({dtype})"):
         model = adapter.load(src, torch_dtype(dtype))
     spec, lm = adapter.visual_spec(model), adapter.lm_spec(model)

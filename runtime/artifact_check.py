@@ -83,7 +83,6 @@ RUNTIME_READS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.
                  "config.json", "processor_config.json", "chat_template.json", "chat_template.jinja")
 CHAT_TEMPLATE = "chat_template.jinja"  # the one template file the runtime reads (vtc.runtime.text.find_chat_template)
 # The options an in-LLM selector reads at run time (vtc.runtime.selectors): name -> (lo, hi).
-SELECTOR_OPTIONS = {"tokencarve": {"weight": (0.0, 1.0)}}
 _PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
 _SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*( [-+] [0-9]+)?")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -225,7 +224,7 @@ def validate(m) -> None:
         sel = selectors.get(c.selector)
         want = [k] * L if sel.trims_pre_kv else [n] * w + [k] * (L - w)
         graph_names = {"vision", "llm_pre", "llm_post", *sel.graphs}
-        for key, (lo, hi) in SELECTOR_OPTIONS.get(c.selector, {}).items():
+        for key, (lo, hi) in sel.option_bounds.items():
             if key not in c.options:
                 _fail(f"manifest field compression.options has no {key!r}, which selector {c.selector!r} reads.")
             _num(c.options[key], f"compression.options.{key}", lo, hi)
@@ -462,9 +461,11 @@ def _validate_preprocess(m) -> None:
     # pixel statistics: [0, 1] after rescaling, or [0, 255] for processors that do not rescale
     for i, v in enumerate(pp.image_mean):
         _num(v, f"preprocess.image_mean[{i}]", 0.0, 255.0)
+    # no real processor divides by a std below 1e-3 or rescales by less than 1e-4 (1/255 and 1 are the usual);
+    # values down there (a denormal, say) only turn every image into the same saturated input
     for i, v in enumerate(pp.image_std):
-        _num(v, f"preprocess.image_std[{i}]", 0.0, 255.0, lo_open=True)
-    _num(pp.rescale_factor, "preprocess.rescale_factor", 0.0, 1.0, lo_open=True)
+        _num(v, f"preprocess.image_std[{i}]", 1e-3, 255.0)
+    _num(pp.rescale_factor, "preprocess.rescale_factor", 1e-4, 1.0)
     hw = pp.output_hw
     want = m.graphs["vision"].inputs[0].shape[2:]
     if hw is None or list(hw) != list(want):
@@ -541,6 +542,7 @@ def check_files(artifact_dir: Path, m, check: str) -> None:
         _check_graph(root, name, spec, m.files)
     _check_embeddings(root, m.embeddings)
     _check_eos(root, m)
+    _check_preprocess(root, m)
 
 
 def _open_inside(root: Path, rel: str) -> int:
@@ -664,6 +666,26 @@ def _check_eos(root: Path, m) -> None:
             _fail(f"artifact file {root / rel} gives EOS ids {_short(value)}; the manifest's text.eos_token_ids are "
                   f"{m.text.eos_token_ids}.", REBUILD)
         return
+
+
+PREPROCESS_FILE = "preprocess.json"  # the build's copy of the manifest's `preprocess` (vtc.export.assets)
+
+
+def _check_preprocess(root: Path, m) -> None:
+    """Preprocessing values are plausible over wide ranges (a mean of 0 is valid), so range checks cannot tell
+    an edited manifest from a real build: the build also writes them to preprocess.json, listed and hashed,
+    and the manifest's must equal it (artifacts built before it existed have none)."""
+    if PREPROCESS_FILE not in m.files:
+        return
+    fd = _open_inside(root, PREPROCESS_FILE)
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(LIMITS["manifest_bytes"] + 1)
+    try:
+        saved = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        _fail(f"artifact file {root / PREPROCESS_FILE} is not valid UTF-8 JSON.", REBUILD)
+    if saved != m.preprocess:
+        _fail(f"manifest field preprocess differs from the build's {PREPROCESS_FILE}.", REBUILD)
 
 
 def digest(manifest_bytes: bytes) -> str:

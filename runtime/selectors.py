@@ -36,6 +36,7 @@ class Selector:
     name: str = ""
     graphs: tuple[str, ...] = ()
     trims_pre_kv: bool = False
+    option_bounds: dict = {}  # compression.options it reads -> (low, high), checked when a manifest loads
 
     def __call__(self, hidden: np.ndarray, last_attn: np.ndarray, image_start: int, n: int, k: int,
                  options: dict, graphs: dict) -> Selection:
@@ -157,6 +158,7 @@ class FastVSelector(Selector):
 class TokenCarveSelector(Selector):
     name = "tokencarve"
     trims_pre_kv = True
+    option_bounds = {"weight": (0.0, 1.0)}
 
     def __call__(self, hidden, last_attn, image_start, n, k, options, graphs):
         return tokencarve(hidden, last_attn, image_start, n, k, options["weight"])

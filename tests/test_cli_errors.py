@@ -11,12 +11,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.helpers.subprocs import vtc_export_cmd, wait_for
 
 from vtc.export.cli import main
 from vtc.runtime import manifest as mf
@@ -312,25 +312,6 @@ def test_run_unloadable_graph_with_updated_checksums(capsys, art_copy):
 
 
 # -- 4. Ctrl-C during build ------------------------------------------------------------------------
-def _vtc_export_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("vtc-export")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "vtc.export.cli"]
-
-
-def _wait_for(cond, proc, timeout: float, what: str, log: Path):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = cond()
-        if found:
-            return found
-        if proc.poll() is not None:
-            pytest.fail(f"vtc-export exited ({proc.returncode}) before {what}:\n{log.read_text()}")
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}:\n{log.read_text()}")
-
-
 def test_ctrl_c_during_build_leaves_nothing(tmp_path, ckpt):
     parent = tmp_path / "arts"
     parent.mkdir()
@@ -342,17 +323,18 @@ def test_ctrl_c_during_build_leaves_nothing(tmp_path, ckpt):
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with open(log, "wb") as errf:
-            proc = subprocess.Popen([*_vtc_export_cmd(), "build", "--model", str(ckpt), "--output", str(out),
+            proc = subprocess.Popen([*vtc_export_cmd(), "build", "--model", str(ckpt), "--output", str(out),
                                      "--max-seq-len", "256", "--text-budget", "48"],
                                     stdout=subprocess.DEVNULL, stderr=errf, env=env, cwd=tmp_path)
     finally:
         signal.signal(signal.SIGINT, old)
     try:
-        partial = _wait_for(lambda: next(iter(parent.glob(".art.partial-*")), None), proc, 300,
-                            "the .art.partial-* directory", log)
+        partial = wait_for(lambda: next(iter(parent.glob(".art.partial-*")), None), proc,
+                           "the .art.partial-* directory", log)
         # The temp dir exists once mkdtemp returned; the first file in it proves the child is past
         # mkdtemp and inside the cleanup guard, exporting (vision.onnx, then the LLM and parity follow).
-        _wait_for(lambda: partial.is_dir() and any(partial.iterdir()), proc, 300, "the first exported file", log)
+        new = partial / "new"  # the artifact being written (owner.json beside it marks the build's own)
+        wait_for(lambda: new.is_dir() and any(new.iterdir()), proc, "the first exported file", log)
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=300)
     finally:

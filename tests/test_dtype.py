@@ -68,19 +68,6 @@ def test_reduced_precision_graphs_pass_lint_and_build_strongly_typed(dtype, arti
     assert (cfg.fp16, cfg.bf16, cfg.int8, cfg.fp8, cfg.tf32) == (False, False, False, False, False)
 
 
-def test_decode_reads_only_the_filled_cache(artifact_factory):
-    """Every LLM graph slices each layer's past to past_lengths before attention (vtc.export.past_slice)."""
-    import onnx
-
-    art = artifact_factory("mha-default", "none")
-    g = onnx.load(str(art / "llm.onnx"), load_external_data=False).graph
-    slices = {n.name for n in g.node if n.op_type == "Slice" and n.name.startswith("vtc_slice_")}
-    layers = load_manifest(art).lm.num_layers
-    assert slices == {f"vtc_slice_{kind}_{i}" for i in range(layers) for kind in ("key", "value")}
-    consumers = [n for n in g.node if "past_key.0" in n.input]
-    assert [n.name for n in consumers] == ["vtc_slice_key_0"]  # nothing reads the whole buffer
-
-
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
 def test_memory_lean_parity_frees_the_model_before_the_runtime(dtype, tiny_checkpoints, tmp_path, monkeypatch):
     """Models whose float32 copy exceeds LEAN_ABOVE_BYTES are checked against HF in the build dtype, computed

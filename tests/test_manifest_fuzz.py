@@ -91,7 +91,7 @@ def write_manifest(work: Path, text: str) -> None:
 # -- what the runtime reads ------------------------------------------------------------------------
 def runtime_view(m: mf.Manifest) -> dict:
     """Every manifest field the runtime (VLM, backends, selectors) reads, in the form it uses it."""
-    from vtc.runtime.artifact_check import SELECTOR_OPTIONS
+    from vtc.runtime import selectors
     from vtc.runtime.preprocess import ImagePreprocessor
 
     c = m.compression
@@ -99,7 +99,7 @@ def runtime_view(m: mf.Manifest) -> dict:
         "image_token": m.model.image_token, "image_token_id": m.model.image_token_id,
         "compression": (c.n_visual, c.k_visual, list(c.grid), c.has_cls, c.stage, c.work_layer,
                         list(c.kv_visual_per_layer), c.selector,
-                        {k: c.options.get(k) for k in SELECTOR_OPTIONS.get(c.selector, {})}),
+                        {k: c.options.get(k) for k in (selectors.get(c.selector).option_bounds if c.selector else {})}),
         "lm": dataclasses.asdict(m.lm), "text": dataclasses.asdict(m.text),
         "kv": (m.kv_cache.dtype, list(m.kv_cache.layer_dtypes), m.kv_cache.bytes_per_token, m.kv_cache.bytes_total,
                m.kv_cache.scales),

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.subprocs import vtc_export_cmd, wait_for
+
 from vtc.export import placement
 from vtc.export.cli import main
 from vtc.runtime import manifest as mf
@@ -95,30 +97,11 @@ def fake_partial(parent: Path, name: str, *, pid: int, output: str | None = None
     return p
 
 
-def vtc_export_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("vtc-export")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "vtc.export.cli"]
-
-
 def start_build(out: Path, ckpt: Path, log: Path, *extra) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(log, "wb") as errf:
         return subprocess.Popen([*vtc_export_cmd(), "build", "--model", str(ckpt), "--output", str(out), *FAST, *extra],
                                 stdout=subprocess.DEVNULL, stderr=errf, env=env, cwd=out.parent)
-
-
-def wait_for(cond, proc, what: str, log: Path, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = cond()
-        if found:
-            return found
-        if proc.poll() is not None:
-            pytest.fail(f"vtc-export exited ({proc.returncode}) before {what}:\n{log.read_text()}")
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}:\n{log.read_text()}")
 
 
 def exporting(parent: Path, name: str):

@@ -33,4 +33,12 @@ def write_siglip_llava(path):
                        num_key_value_heads=2, vocab_size=100)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=4)
     LlavaForConditionalGeneration(config).save_pretrained(path)
+    # a complete checkpoint (tokenizer, image processor), so the refusal comes from the method, not a missing file
+    from transformers import CLIPImageProcessor
+
+    from vtc.export.random_llava import DEFAULT_WORDS
+    from vtc.export.wordtok import LLAVA15_CHAT_TEMPLATE, save_word_level_tokenizer
+
+    save_word_level_tokenizer(path, list(DEFAULT_WORDS), LLAVA15_CHAT_TEMPLATE)
+    CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(path)
     return path
