@@ -43,8 +43,7 @@ class GraphSession:
 
 
 class OrtSession(GraphSession):
-    def __init__(self, path: Path, spec: GraphSpec, threads: int | None, provider: str = "cpu", spin: bool = True,
-                 fold_constants: bool = True):
+    def __init__(self, path: Path, spec: GraphSpec, threads: int | None, provider: str = "cpu", spin: bool = True):
         super().__init__(spec)
         import onnxruntime as ort
 
@@ -66,7 +65,7 @@ class OrtSession(GraphSession):
             # extended-level QDQ transformers move Transposes in front of DequantizeLinear onto float8 tensors,
             # which have no CPU Transpose kernel. Such graphs run with basic optimizations (FP8 is a TensorRT /
             # SM 8.9+ feature; on CPU it runs for verification).
-            disabled = ["ClipQuantRewrite"] + ([] if fold_constants else ["ConstantFolding"])
+            disabled = ["ClipQuantRewrite"]
             if any(t.dtype == "float8_e4m3fn" for t in spec.inputs):
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             self.session = ort.InferenceSession(str(path), opts, providers=providers, disabled_optimizers=disabled)
@@ -156,14 +155,11 @@ def env_threads() -> int | None:
 class OrtBackend:
     name = "onnxruntime"
 
-    def __init__(self, threads: int | None = None, provider: str = "cpu", fold_constants: bool = True):
+    def __init__(self, threads: int | None = None, provider: str = "cpu"):
         self.threads = check_threads(threads) or env_threads()
         self.provider = provider
         self.fallback: str | None = None  # why a session runs on another provider than asked
         self.spin = True
-        # fold_constants=False keeps an fp16 graph's weights in fp16 on the CPU provider (it then casts them per
-        # call instead of holding float32 copies: half the memory, slower); the build's memory-lean parity uses it
-        self.fold_constants = fold_constants
 
     def prepare(self, manifest) -> None:
         """Per-artifact session settings. An LLM split into segments (in-LLM methods) runs two sessions
@@ -173,8 +169,7 @@ class OrtBackend:
         self.spin = "llm" in manifest.graphs
 
     def open(self, artifact_dir: Path, spec: GraphSpec) -> GraphSession:
-        session = OrtSession(Path(artifact_dir) / spec.file, spec, self.threads, self.provider, self.spin,
-                             self.fold_constants)
+        session = OrtSession(Path(artifact_dir) / spec.file, spec, self.threads, self.provider, self.spin)
         self.fallback = self.fallback or session.fallback
         return session
 
