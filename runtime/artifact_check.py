@@ -641,19 +641,24 @@ def _check_embeddings(root: Path, emb: dict) -> None:
         _fail(f"embeddings.file {path} is {size} bytes; its header says {expected}.", REBUILD)
 
 
+def _read_json_inside(root: Path, rel: str):
+    """A listed JSON file of the artifact (opened without following symlinks), parsed; one error if it is not JSON."""
+    fd = _open_inside(root, rel)
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(LIMITS["manifest_bytes"] + 1)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        _fail(f"artifact file {root / rel} is not valid UTF-8 JSON.", REBUILD)
+
+
 def _check_eos(root: Path, m) -> None:
     """The runtime's tokenizer side reads EOS ids from generation_config.json / config.json
     (vtc.runtime.text._eos_ids); where a listed file gives them, they must be the manifest's."""
     for rel in ("generation_config.json", "config.json"):
         if rel not in m.files:
             continue
-        fd = _open_inside(root, rel)
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read(LIMITS["manifest_bytes"] + 1)
-        try:
-            cfg = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            _fail(f"artifact file {root / rel} is not valid UTF-8 JSON.", REBUILD)
+        cfg = _read_json_inside(root, rel)
         if not isinstance(cfg, dict):
             _fail(f"artifact file {root / rel} is not a JSON object.", REBUILD)
         text_cfg = cfg.get("text_config") if rel == "config.json" else None
@@ -677,14 +682,7 @@ def _check_preprocess(root: Path, m) -> None:
     and the manifest's must equal it (artifacts built before it existed have none)."""
     if PREPROCESS_FILE not in m.files:
         return
-    fd = _open_inside(root, PREPROCESS_FILE)
-    with os.fdopen(fd, "rb") as f:
-        raw = f.read(LIMITS["manifest_bytes"] + 1)
-    try:
-        saved = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        _fail(f"artifact file {root / PREPROCESS_FILE} is not valid UTF-8 JSON.", REBUILD)
-    if saved != m.preprocess:
+    if _read_json_inside(root, PREPROCESS_FILE) != m.preprocess:
         _fail(f"manifest field preprocess differs from the build's {PREPROCESS_FILE}.", REBUILD)
 
 

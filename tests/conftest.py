@@ -16,6 +16,8 @@ from tests.helpers.builds import nullstep  # noqa: E402
 from tests.helpers.tiny import TINY  # noqa: E402
 from vtc.export.random_llava import write_random_llava  # noqa: E402
 
+pytest_plugins = ["tests.helpers.fixtures"]  # `ckpt` and `art`, module-scoped (a test module may define its own)
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:

@@ -60,17 +60,6 @@ def no_partials(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.glob(".*") if ".partial-" in p.name or ".old-" in p.name)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_checkpoints) -> Path:
-    return tiny_checkpoints["mha-default"]
-
-
-@pytest.fixture(scope="module")
-def art(artifact_factory) -> Path:
-    """A built artifact (shared: never modify it; copy it with `art_copy`)."""
-    return artifact_factory("mha-default", "none")
-
-
 @pytest.fixture
 def art_copy(art, tmp_path) -> Path:
     dst = tmp_path / "art"

@@ -32,17 +32,6 @@ FAST = ("--max-seq-len", "256", "--text-budget", "48", "--parity-tokens", "2")
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ckpt(tiny_checkpoints) -> Path:
-    return tiny_checkpoints["mha-default"]
-
-
-@pytest.fixture(scope="module")
-def art(artifact_factory) -> Path:
-    """A built artifact (shared: never modify it; copy it)."""
-    return artifact_factory("mha-default", "none")
-
-
 def copy_art(art: Path, dst: Path) -> Path:
     shutil.copytree(art, dst)
     return dst

@@ -1,0 +1,18 @@
+"""Module fixtures shared by the CLI-level test files (import them into a test module to use them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_checkpoints) -> Path:
+    return tiny_checkpoints["mha-default"]
+
+
+@pytest.fixture(scope="module")
+def art(artifact_factory) -> Path:
+    """A built artifact (shared: never modify it; copy it)."""
+    return artifact_factory("mha-default", "none")
