@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    for flag in ("rounds", "runs", "new_tokens", "threads"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: pass a positive number")
 
     from vtc.export.commands.ui import quiet_transformers
     from vtc.runtime import profiler

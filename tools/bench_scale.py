@@ -203,6 +203,11 @@ def main(argv=None) -> int:
     p.add_argument("--root", default=os.environ.get("VTC_BENCH_SCALE_DIR", "artifacts/bench-scale"))
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    bad = [n for n in args.llm_layers or [] if not 1 <= n <= 32]
+    if bad:
+        p.error(f"--llm-layers {bad[0]}: LLaVA-1.5-7B has 32 LLM layers; pass 1..32 (2 and 32 are the reported variants)")
+    if args.threads < 1:
+        p.error(f"--threads {args.threads}: pass a positive number of threads")
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     results = [bench(n, root, args.threads) for n in (args.llm_layers or [2, 32])]
