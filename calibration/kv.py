@@ -50,17 +50,21 @@ def collect(adapter, model, method, plan, src: Path, pairs: list, new_tokens: in
             on_pair: Callable[[int], None] | None = None, samples_per_pair: int = 256) -> KVStats:
     """Run every (image, prompt) pair through the eager PyTorch path with the compression applied."""
     from vtc.export.reference import eager_generate
-    from vtc.runtime.preprocess import ImagePreprocessor, load_image
+    from vtc.runtime.preprocess import load_image
     from vtc.runtime.text import TextProcessor
 
     if not pairs:
         raise UsageError("the calibration set is empty.", "Pass --calib-images DIR and --calib-prompts FILE with data.")
-    pre, text = ImagePreprocessor.from_dir(src), TextProcessor.from_dir(src, tokenizer_as_is=adapter.tokenizer_as_is)
+    image_prompt = adapter.image_prompt(src)  # the built image layout (tiles: one image token per block)
+    pre = adapter.preprocessor(src)
+    text = TextProcessor.from_dir(src, tokenizer_as_is=adapter.tokenizer_as_is, image_prompt=image_prompt)
+    blocks = 1 if image_prompt is None else image_prompt.count(text.image_token)
     stats, rng = KVStats(), np.random.default_rng(0)
     for n, (image, prompt) in enumerate(pairs):
         pixels = torch.from_numpy(pre(load_image(image)))
-        ids = text.prompt_ids(prompt) if text.chat_template else text.encode(f"{text.image_token}\n{prompt}")
-        before, after = text.split_at_image(ids, adapter.image_token_id(model))
+        ids = text.prompt_ids(prompt) if text.chat_template else text.encode(text.expand_image(f"{text.image_token}\n{prompt}"))
+        parts = text.split_at_images(ids, blocks, adapter.image_token_id(model))  # the adapter adds the text between
+        before, after = parts[0], parts[-1]
         _, kv = eager_generate(adapter, model, method, plan, pixels, before, after, new_tokens)
         stats.add(kv, samples_per_pair, rng)
         if on_pair:

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from vtc.runtime.errors import ModelError
-from vtc.runtime.preprocess import ImagePreprocessor
 from vtc.runtime.text import find_chat_template
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -39,7 +38,7 @@ def write(out: Path, src: Path, adapter, model) -> dict:
     template = find_chat_template(src)
     if template is not None:
         (out / "chat_template.jinja").write_text(template)
-    preprocess = ImagePreprocessor.from_dir(src).to_dict()
+    preprocess = adapter.preprocessor(src).to_dict()  # the build's static image layout included
     # the same values in a listed, hashed file: the runtime checks the manifest's against it (artifact_check)
     (out / "preprocess.json").write_text(json.dumps(preprocess, indent=2) + "\n")
     weights = adapter.embed_table(model)  # [V, D], in the graph dtype (build --dtype)
@@ -48,5 +47,5 @@ def write(out: Path, src: Path, adapter, model) -> dict:
     table = weights.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else weights.numpy()
     np.save(out / "embed_tokens.npy", np.ascontiguousarray(table), allow_pickle=False)
     return {"chat_template": "chat_template.jinja" if template is not None else None,
-            "eos_token_ids": _eos_ids(src, model), "preprocess": preprocess,
+            "eos_token_ids": _eos_ids(src, model), "preprocess": preprocess, "image_prompt": adapter.image_prompt(src),
             "embeddings": {"file": "embed_tokens.npy", "dtype": dtype, "shape": list(table.shape)}}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -64,6 +65,10 @@ class BuildArgs:
     backend: str = "onnxruntime"  # onnxruntime | tensorrt (also builds engines: vtc.export.tensorrt)
     engine: dict = field(default_factory=dict)  # --backend tensorrt: EngineOptions (precision, workspace_gb, ...)
     dtype: str | None = None  # fp32 | fp16 | bf16: graph weights and activations; None = per backend (DTYPES)
+    image_splits: tuple | None = None  # (0,) global image only, or (rows, cols) tiles + global; None = the architecture's default
+    weights: str = "fp"  # fp (= dtype) | int8 (per channel) | int4 (blocked): the LLM's linear layers (vtc.export.wquant)
+    group_size: int = 128  # --weights int4: block size along each linear layer's input dim
+    weights_algo: str = "rtn"  # rtn | awq (int4: scales searched on the calibration set, vtc.calibration.awq)
 
 
 @dataclass(frozen=True)
@@ -117,8 +122,10 @@ def _check_args(args: BuildArgs) -> None:
     if (args.calib_images is None) != (args.calib_prompts is None):
         raise UsageError("--calib-images and --calib-prompts go together.", "Pass both, or neither for the default set.")
     quantized = args.kv_cache in ("int8", "fp8")
-    if not quantized and (args.kv_scales or args.calib_images):
-        raise UsageError(f"--kv-scales/--calib-* apply to --kv-cache int8|fp8, not {args.kv_cache}.", "Drop them or pick int8/fp8.")
+    awq = args.weights_algo == "awq"  # AWQ calibrates on the same --calib-* set
+    if not quantized and (args.kv_scales or (args.calib_images and not awq)):
+        raise UsageError("--kv-scales/--calib-* apply to --kv-cache int8|fp8 (--calib-* also to --weights-algo awq), "
+                         f"not {args.kv_cache}.", "Drop them, pick int8/fp8, or pass --weights int4 --weights-algo awq.")
     if not 0 < args.kv_fallback:
         raise UsageError(f"--kv-fallback-threshold must be positive (got {args.kv_fallback}).", "Pass e.g. 0.08.")
     if args.max_seq_len > MAX_SEQ_LEN_LIMIT:
@@ -143,6 +150,9 @@ def _check_args(args: BuildArgs) -> None:
                              "Pass e.g. --kv-statistic percentile:99.99, or absmax (the default).")
     if args.kv_granularity not in ("channel", "head"):
         raise UsageError(f"--kv-granularity {args.kv_granularity!r} is not channel or head.", "Pass one of them.")
+    from vtc.export.wquant import check_args as check_weights
+
+    check_weights(args.weights, args.group_size, args.weights_algo)
     for flag, value, want_dir in (("--kv-scales", args.kv_scales, False), ("--calib-images", args.calib_images, True),
                                   ("--calib-prompts", args.calib_prompts, False)):
         path = Path(value).expanduser() if value else None
@@ -182,7 +192,7 @@ def prepare(args: BuildArgs, step: Callable, check_output: bool = True) -> Build
     method, ratio = _resolve_method(args)
     with step("demo checkpoint" if args.model is None else "checking checkpoint"):
         src = ensure_demo_checkpoint() if args.model is None else Path(args.model).expanduser()
-        adapter = models.resolve(src)
+        adapter = models.resolve(src).with_image_splits(args.image_splits)  # the static image layout
     demo = is_demo(src)
     name = "demo-llava" if demo else src.resolve().name
     out = Path(args.output) if args.output else default_output(name, method.name, ratio)
@@ -242,24 +252,27 @@ def build(args: BuildArgs, step: Callable, cache: Path | None = None) -> Built:
 
 
 def _write_artifact(tmp: Path, bp: BuildPlan, step: Callable, cache: Path | None):
-    from vtc.export import assets, kvquant, parity
+    from vtc.export import assets, kvquant, parity, wquant
     from vtc.export import tensorrt as trt_build
     from vtc.runtime import manifest as mf
     from vtc.runtime.pipeline import VLM
 
     args = bp.args
+    if _lean(bp):
+        _lean_allocator()
     kv = kvquant.plan(tmp, bp, step)
     graphs = {}
     for name, loader in graph_loaders(bp, kv.quant, cache).items():
         with step(loader.label):
             graphs[name] = loader(tmp / f"{name}.onnx")
         del loader  # holds the model's modules
+    weights = wquant.quantize_step(tmp, bp, graphs, step)  # --weights int8|int4: the LLM graphs, in place; else None
     lint = trt_build.lint_step(tmp, graphs, args.backend, step)  # fatal only for --backend tensorrt
     with step("writing tokenizer, preprocessing and embeddings"):
         side = assets.write(tmp, bp.src, bp.adapter, bp.model)
     draft = _manifest(bp, kv, graphs, side, parity={}, files={})
     if _lean(bp):
-        report = _lean_parity(tmp, bp, draft, step)
+        report = _lean_parity(tmp, bp, kv, draft, step)
         if kv.quantized:
             kv.accuracy = {"skipped": "memory-lean build: the PyTorch model was freed before the runtime opened; "
                                       "measure it with `vtc-export verify` on a host with more memory"}
@@ -271,6 +284,7 @@ def _write_artifact(tmp: Path, bp: BuildPlan, step: Callable, cache: Path | None
                                   max_new_tokens=args.parity_tokens, vlm=vlm, kv_dtype=KV_DTYPES[bp.kv_cache],
                                   graph_dtype=DTYPES[bp.dtype])
             report["reference"] = "HF transformers, float32"
+            report["scope"] = {"vision": "full", "llm": "full"}
             parity.raise_if_failed(report)
         if kv.quantized:
             with step(f"measuring {bp.kv_cache} KV accuracy vs float32 KV on held-out pairs"):
@@ -284,42 +298,144 @@ def _write_artifact(tmp: Path, bp: BuildPlan, step: Callable, cache: Path | None
     return final, lint
 
 
-# Models whose float32 copy is above this are checked memory-lean (`_lean_parity`): the reference runs in the
-# build dtype and is freed before the runtime opens, so the build's peak stays near one copy of the weights.
+# Models whose float32 copy is above this are checked memory-lean (`_lean_parity`): the reference computes in
+# float32 a module at a time on the build-dtype weights and is freed before the runtime opens the graphs one
+# at a time, so the build's peak stays near one copy of the weights.
 LEAN_ABOVE_BYTES = 1 << 30
+# ONNX Runtime's x86 CPU provider holds float32 copies of fp16 weights: a session of an LLM graph needs about
+# this many bytes per parameter (measured: 2.67 GB for the 2-layer 7B-geometry graph's 0.54 B parameters).
+ORT_BYTES_PER_PARAM = 5
 
 
 def _lean(bp: BuildPlan) -> bool:
     return sum(p.numel() for p in bp.model.parameters()) * 4 > LEAN_ABOVE_BYTES
 
 
-def _lean_parity(tmp: Path, bp: BuildPlan, draft, step: Callable) -> dict:
-    """Parity within one copy of the weights: the reference (HF, in the build dtype) is computed first, the
-    PyTorch model is freed, then the runtime opens the graphs and is compared with the stored reference.
-    Recorded as such in the report. (ONNX Runtime's x86 CPU provider still holds float32 copies of fp16
-    weights, with or without constant folding: measured 2.67 GB for the 2-layer real-geometry LLM graph
-    either way; see README, Real scale.)"""
+def _available_bytes() -> int:
+    """Memory this host can still give (Linux MemAvailable; elsewhere the physical pages free)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def probe_layers(bp: BuildPlan, available: int | None = None) -> list[int] | None:
+    """The decoder layers the build's parity check runs when the whole LLM graph cannot be checked on this
+    host (None: it can, or the probe would be the whole LLM): the first and the last layer (in-LLM methods:
+    every layer before the work layer, then the last), exported through the same code path. Decided on
+    memory: an ONNX Runtime session of the whole LLM (ORT_BYTES_PER_PARAM) against what this host has,
+    counting the PyTorch model as freed."""
+    lm, model = bp.lm, bp.model
+    w = bp.method.work_layer(bp.plan)
+    keep = sorted(set(range(w) if w else [0]) | {lm.num_layers - 1})
+    if len(keep) >= lm.num_layers:
+        return None
+    decoder = bp.adapter.static_cache_lm(model).decoder
+    llm_params = sum(p.numel() for p in decoder.layers.parameters()) + lm.hidden_size * lm.vocab_size
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    free = (_available_bytes() if available is None else available) + model_bytes
+    return keep if llm_params * ORT_BYTES_PER_PARAM > 0.8 * free else None
+
+
+def _lean_allocator() -> None:
+    """Serve every allocation of 1 MiB or more with its own mmap (glibc's M_MMAP_THRESHOLD, fixed): freed
+    float32 copies of weights (float32_compute) and activations then go straight back to the OS instead of
+    growing the heap (measured on the 2-layer 7B geometry: the reference's peak 3.69 -> 2.95 GiB). glibc only."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        pass
+
+
+def _release_memory() -> None:
+    """Collect, and hand freed heap pages back to the OS (glibc keeps them otherwise, and the runtime's
+    sessions would come on top of the PyTorch model's freed memory)."""
+    import ctypes
     import gc
 
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def _probe_manifest(tmp: Path, bp: BuildPlan, kv, draft, keep: list[int], step: Callable):
+    """Cut the PyTorch model to the `keep` layers (in place: it is only the reference from here on), export
+    its LLM graphs as `probe_<name>.onnx` through `graph_loaders`, and return the draft manifest pointing at
+    them. The artifact's own LLM graphs are not run by this build (`vtc-export verify` runs them)."""
+    from vtc.export.llm import KVQuant
+    from vtc.runtime import manifest as mf
+
+    bp.adapter.keep_lm_layers(bp.model, keep)
+    lm = bp.adapter.lm_spec(bp.model)
+    q = kv.quant
+    sub = dataclasses.replace(kv, quant=KVQuant(tuple(q.dtypes[i] for i in keep), tuple(q.k_scale[i] for i in keep),
+                                                tuple(q.v_scale[i] for i in keep)))
+    probe = dataclasses.replace(bp, lm=lm)
+    graphs = dict(draft.graphs)
+    with step(f"exporting the parity probe: LLM layers {', '.join(map(str, keep))} of {bp.lm.num_layers} (the "
+              "whole LLM does not fit this host's memory in ONNX Runtime)"):
+        for name, loader in graph_loaders(probe, sub.quant).items():
+            if name != "vision":
+                graphs[name] = loader(tmp / f"probe_{name}.onnx")
+    comp = dataclasses.replace(draft.compression,
+                               kv_visual_per_layer=bp.method.kv_visual_per_layer(bp.plan, lm.num_layers))
+    return dataclasses.replace(draft, lm=mf.LMInfo(**asdict(lm)), graphs=graphs, compression=comp,
+                               kv_cache=sub.info(lm, bp.args.max_seq_len))
+
+
+def _lean_parity(tmp: Path, bp: BuildPlan, kv, draft, step: Callable) -> dict:
+    """Parity within about one copy of the weights, in this order:
+      1. the LLM is cut to a probe (`probe_layers`) when the whole LLM graph cannot run on this host;
+      2. the reference (HF transformers, float32 compute one module at a time on the build-dtype weights:
+         vtc.export.reference.float32_compute) is computed and the PyTorch model freed;
+      3. the runtime opens the vision graph, encodes, closes it, then opens the LLM graph(s): never two
+         copies of the same weights, nor two large sessions, at once.
+    The report's `scope` says what was checked; `vtc-export verify` checks the whole artifact on a host
+    with the memory for it."""
     from vtc.export import parity
+    from vtc.export.reference import float32_compute
     from vtc.runtime.backend import OrtBackend
     from vtc.runtime.pipeline import VLM
 
     n = bp.args.parity_tokens
-    backend = _check_backend(bp) or OrtBackend()
+    backend = _check_backend(bp) or OrtBackend(memory_arena=False)
     vlm = VLM(tmp, manifest=draft, backend=backend, open_graphs=False)
     prompt, pixels = parity.parity_inputs(vlm)
     parity.check_tokens_fit(vlm, prompt, n, "--parity-tokens")
-    with step(f"PyTorch reference in {bp.dtype} ({n} greedy tokens; memory-lean: the model is freed next)"):
-        ref = parity.reference(bp.adapter, bp.model, bp.method, bp.plan, bp.spec, prompt, pixels, n)
+    keep = probe_layers(bp)
+    manifest = draft if keep is None else _probe_manifest(tmp, bp, kv, draft, keep, step)
+    with step(f"PyTorch reference, float32 compute on the {bp.dtype} weights ({n} greedy tokens; then freed)"):
+        with float32_compute(bp.model):
+            ref = parity.reference(bp.adapter, bp.model, bp.method, bp.plan, bp.spec, prompt, pixels, n)
     bp.release_model()
-    gc.collect()
-    with step(f"checking the artifact against it on {backend.name}"):
-        vlm.open()
-        report = parity.compare_runtime(vlm, prompt, pixels, ref, KV_DTYPES[bp.kv_cache], DTYPES[bp.dtype])
-        report["reference"] = (f"HF transformers, {DTYPES[bp.dtype]} (the build dtype): memory-lean build, a float32 "
-                               "copy of this model is not loaded; `vtc-export verify` compares against float32")
-        parity.raise_if_failed(report)
+    _release_memory()
+    with step(f"checking the artifact against it on {backend.name}, one graph at a time"):
+        vlm = VLM(tmp, manifest=manifest, backend=backend, open_graphs=False)
+        vlm.open(("vision",))
+        encoded = vlm.encode_image(pixels)
+        vlm.close()
+        _release_memory()
+        vlm.open(tuple(g for g in manifest.graphs if g != "vision"))
+        report = parity.compare_runtime(vlm, prompt, pixels, ref, KV_DTYPES[bp.kv_cache], DTYPES[bp.dtype],
+                                        encoded=encoded)
+        vlm.close()
+    for f in tmp.glob("probe_*"):  # the probe's graphs are not part of the artifact
+        f.unlink()
+    report["reference"] = (f"HF transformers, float32 compute on the {DTYPES[bp.dtype]} weights (memory-lean build: "
+                           "one module at a time in float32)")
+    total = bp.lm.num_layers
+    report["scope"] = ({"llm": "full", "vision": "full"} if keep is None else
+                       {"vision": "full", "llm": f"probe: layers {keep} of {total}, exported through the same code "
+                        "path; the artifact's LLM graph was not run by the build (run `vtc-export verify` on a host "
+                        "with the memory for it)", "llm_layers_checked": keep})
+    parity.raise_if_failed(report)
     return report
 
 
@@ -386,7 +502,7 @@ def _manifest(bp: BuildPlan, kv, graphs, side: dict, parity: dict, files: dict, 
         lm=mf.LMInfo(**asdict(lm)),
         text=mf.TextInfo(budget=bp.args.text_budget, max_seq_len=bp.args.max_seq_len,
                          eos_token_ids=side["eos_token_ids"], chat_template=side["chat_template"],
-                         tokenizer_as_is=bp.adapter.tokenizer_as_is),
+                         tokenizer_as_is=bp.adapter.tokenizer_as_is, image_prompt=side.get("image_prompt")),
         kv_cache=kv.info(lm, bp.args.max_seq_len),
         graphs=graphs, embeddings=side["embeddings"], preprocess=side["preprocess"], parity=parity, files=files,
         engines=engines, dtype=DTYPES[bp.dtype])

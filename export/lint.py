@@ -12,6 +12,10 @@ matrix that can be checked mechanically. Per graph (loaded without external data
               Q/DQ zero points 0; FP8 needs compute capability >= 8.9
   shapes      no data-dependent shapes: no NonZero/Unique/...; no shape input (Reshape's shape,
               TopK's K, Range's limits, ...) computed from input VALUES (shapes are fine)
+  weights     weight-only quantization (build --weights): an INT8/INT4 initializer -> DequantizeLinear ->
+              the weight input of MatMul/Gemm; per-axis or singly blocked scales (INT4: even last dim);
+              INT4 needs opset 21 and so a newer TensorRT than the table's (`weight_only` in the rules
+              file): an error naming that version unless the target (`tensorrt_version`) has it
 
 TopK's K is resolved to a number where it is a constant; a K computed from input shapes (FastV's
 `select`: K = seq - (N - K_kept)) is evaluated at the corners of the manifest's profiles and reported
@@ -89,16 +93,20 @@ def rules() -> dict:
 
 
 # -- entry points ----------------------------------------------------------------------------------
-def lint_artifact(artifact_dir: Path, target_cc: str | None = None) -> LintReport:
-    """Lint every graph of a built artifact (its manifest's graphs and profiles)."""
+def lint_artifact(artifact_dir: Path, target_cc: str | None = None, tensorrt_version: str | None = None) -> LintReport:
+    """Lint every graph of a built artifact (its manifest's graphs and profiles). `tensorrt_version`: the
+    TensorRT the engines will be built with (default: the rules table's); it decides only the findings
+    that name a minimum version (INT4 weights)."""
     from vtc.runtime import manifest as mf
 
     check_target_cc(target_cc)  # before the artifact is read
+    check_tensorrt_version(tensorrt_version)
     m = mf.load(Path(artifact_dir), check_files="sizes")
-    return lint_graphs(Path(artifact_dir), m.graphs, target_cc)
+    return lint_graphs(Path(artifact_dir), m.graphs, target_cc, tensorrt_version)
 
 
-def lint_graphs(directory: Path, graphs: dict, target_cc: str | None = None) -> LintReport:
+def lint_graphs(directory: Path, graphs: dict, target_cc: str | None = None,
+                tensorrt_version: str | None = None) -> LintReport:
     """graphs: {name: GraphSpec}; the ONNX files are read from `directory` without external data."""
     import onnx
 
@@ -109,7 +117,7 @@ def lint_graphs(directory: Path, graphs: dict, target_cc: str | None = None) -> 
     for name, spec in graphs.items():
         model = onnx.load(str(Path(directory) / spec.file), load_external_data=False)
         report.graphs.append(name)
-        report.findings += lint_model(model, name, corners(graph_profiles(name, graphs)), target_cc)
+        report.findings += lint_model(model, name, corners(graph_profiles(name, graphs)), target_cc, tensorrt_version)
     return report
 
 
@@ -123,14 +131,15 @@ def corners(profiles: dict) -> list[dict]:
     return out or [{}]
 
 
-def lint_model(model, graph: str, bindings: list[dict] | None = None, target_cc: str | None = None) -> list[Finding]:
+def lint_model(model, graph: str, bindings: list[dict] | None = None, target_cc: str | None = None,
+               tensorrt_version: str | None = None) -> list[Finding]:
     """All findings for one ONNX model; `bindings` are concrete values of its symbolic dims."""
     g = GraphView(model)
     checks = (_check_opset, _check_nodes, _check_io, _check_data_dependence, _check_topk)
     found: list[Finding] = []
     for check in checks:
         found += check(g, graph, bindings or [{}], target_cc)
-    return found
+    return found + _check_weight_only(g, graph, tensorrt_version or rules()["tensorrt_version"])
 
 
 def _name(node) -> str:
@@ -145,7 +154,11 @@ def _find(graph, node, level, message, source="") -> Finding:
 def _check_opset(g: GraphView, graph, _bindings, _cc) -> list[Finding]:
     r = rules()["opset"]
     out = []
+    weights = _weight_dqs(g)
+    int4_opset = rules()["weight_only"]["int4"]["opset"] if any(d == "INT4" for _, d in weights) else None
     for imp in g.model.opset_import:
+        if imp.version == int4_opset:
+            continue  # the opset INT4 weights need: _check_weight_only names the TensorRT version it takes
         if imp.domain in ("", "ai.onnx") and not r["min"] <= imp.version <= r["max"]:
             out.append(Finding(graph, "<model>", "opset", "error", f"default-domain opset {imp.version} is outside "
                                f"TensorRT {rules()['tensorrt_version']}'s {r['min']}..{r['max']}.", r["source"]))
@@ -389,4 +402,80 @@ def _check_topk(g: GraphView, graph, bindings, _cc) -> list[Finding]:
         else:
             out.append(_find(graph, n, "warning", f"dynamic K ({how}): at most {bound} under the manifest profiles "
                              f"(< {limit}).", rule["source"]))
+    return out
+
+
+# -- weight-only quantization (build --weights) -----------------------------------------------------
+def _version(v: str) -> tuple[int, ...]:
+    """"10.3.0.26" -> (10, 3, 0); a part's leading digits only ("0rc1" -> 0)."""
+    import re
+
+    parts = [int(m.group()) if (m := re.match(r"\d+", x)) else 0 for x in str(v).split(".")[:3]]
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def check_tensorrt_version(version: str | None) -> None:
+    """A target TensorRT version is MAJOR.MINOR[.PATCH] or None: a UsageError."""
+    if version is None:
+        return
+    parts = str(version).split(".")
+    if not 2 <= len(parts) <= 4 or not all(p.isascii() and p.isdigit() and len(p) <= 3 for p in parts):
+        raise UsageError(f"TensorRT version {version!r} is not MAJOR.MINOR.", "Pass e.g. 10.3 (JetPack 6) or 10.15.")
+
+
+def weight_only_min_tensorrt(dtype: str) -> str | None:
+    """The oldest TensorRT that takes weights of `dtype` (int8 | int4) in vtc's form; None for float."""
+    entry = rules()["weight_only"].get(dtype)
+    return None if entry is None else entry["min_tensorrt"]
+
+
+def required_tensorrt(model) -> str:
+    """The oldest TensorRT that parses this graph: the table's, or newer for INT4 weights."""
+    need = rules()["tensorrt_version"]
+    for _, dtype in _weight_dqs(GraphView(model)):
+        v = rules()["weight_only"][dtype.lower()]["min_tensorrt"]
+        need = v if _version(v) > _version(need) else need
+    return need
+
+
+def _weight_dqs(g: GraphView) -> list[tuple[object, str]]:
+    """(DequantizeLinear node, "INT8" | "INT4") for every DQ of an integer initializer (a weight)."""
+    return [(n, g.types[n.input[0]]) for n in g.nodes if n.op_type == "DequantizeLinear" and n.input
+            and g.types.get(n.input[0]) in ("INT8", "INT4") and n.input[0] in g.consts]
+
+
+def _check_weight_only(g: GraphView, graph, target: str) -> list[Finding]:
+    w = rules()["weight_only"]
+    out = []
+    for n, dtype in _weight_dqs(g):
+        entry = w[dtype.lower()]
+        if _version(target) < _version(entry["min_tensorrt"]):
+            out.append(_find(graph, n, "error", f"{dtype} weights (DequantizeLinear, opset {entry['opset']}) need "
+                             f"TensorRT >= {entry['min_tensorrt']}; the target is TensorRT {target}.", entry["source"]))
+        users = g.consumers.get(n.output[0], [])
+        bad = [u for u in users if u.op_type not in w["consumers"] or list(u.input).index(n.output[0]) != 1]
+        if not users or bad:
+            out.append(_find(graph, n, "error", f"weight-only {dtype} DequantizeLinear must feed only the weight (second) "
+                             f"input of {'/'.join(w['consumers'])}.", w["about"]))
+        out += _check_weight_scale(g, graph, n, dtype, w["blocked"]["source"])
+    return out
+
+
+def _check_weight_scale(g: GraphView, graph, n, dtype: str, source: str) -> list[Finding]:
+    shape, scale = g.shapes.get(n.input[0]), g.shapes.get(n.input[1]) if len(n.input) > 1 else None
+    if shape is None or scale is None:
+        return []
+    axis = g.attr(n, "axis", 1)
+    axis = axis + len(shape) if axis < 0 else axis
+    if len(scale) == 1 and scale[0] == shape[axis]:
+        ok, why = True, ""
+    elif len(scale) == len(shape):
+        blocked = [i for i, (a, b) in enumerate(zip(shape, scale)) if a != b]
+        ok = len(blocked) == 1 and scale[blocked[0]] and shape[blocked[0]] % scale[blocked[0]] == 0
+        why = "the scale must block exactly one dimension by an integer block size"
+    else:
+        ok, why = len(scale) == 0 or (len(scale) == 1 and scale[0] == 1), "the scale's shape fits neither per-axis nor blocked"
+    out = [] if ok else [_find(graph, n, "error", f"scale {scale} for weight {shape}: {why}.", source)]
+    if dtype == "INT4" and shape and shape[-1] % 2:
+        out.append(_find(graph, n, "error", f"INT4 weight {shape} has an odd last dimension.", source))
     return out

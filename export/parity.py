@@ -105,18 +105,21 @@ def check(artifact_dir: Path, adapter, model, method, plan, spec, max_new_tokens
 
 
 def compare_runtime(vlm: VLM, prompt: Prompt, pixels: np.ndarray, ref: Reference, kv_dtype: str | None = None,
-                    graph_dtype: str | None = None, prompt_text: str = "Describe the image.") -> dict:
-    """The runtime side against a computed Reference: per-graph logits and the free-running greedy tokens."""
+                    graph_dtype: str | None = None, prompt_text: str = "Describe the image.", encoded: tuple | None = None
+                    ) -> dict:
+    """The runtime side against a computed Reference: per-graph logits and the free-running greedy tokens.
+    `encoded`: the vision graph's outputs for `pixels`, computed before (its session may be closed by now)."""
     kv_dtype = kv_dtype or vlm.manifest.kv_cache.dtype
     graph_dtype = graph_dtype or vlm.manifest.dtype
     tol = tolerance(kv_dtype, graph_dtype)
     max_new_tokens = len(ref.tokens)
-    image_embeds, _, _ = vlm.encode_image(pixels)
+    encoded = encoded if encoded is not None else vlm.encode_image(pixels)
+    image_embeds = encoded[0]
     vision = compare(image_embeds, ref.image_embeds.float().numpy(), DTYPE_TOLERANCE[graph_dtype])
     forced = _teacher_forced_logits(vlm, prompt, image_embeds, ref.tokens)
     prefill = compare(forced[0], ref.step_logits[0].numpy(), tol)
     decode = compare(np.stack(forced[1:]), torch.stack(ref.step_logits[1:]).numpy(), tol)
-    result = vlm.generate_from(pixels, prompt, max_new_tokens, ignore_eos=True)
+    result = vlm.generate_from(pixels, prompt, max_new_tokens, ignore_eos=True, encoded=encoded)
     tokens = _token_check(result.token_ids, ref, prefill["tolerance_max_abs"])
     selection = {"kept_index_equal": result.kept_indices == ref.kept_index,
                  "token_map_equal": result.token_map == ref.token_map, "kept": len(result.kept_indices)}

@@ -8,11 +8,12 @@ uncompressed, from `generate(input_ids, pixel_values)` exactly as a transformers
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from vtc.export.methods.base import Method, Plan
+from vtc.export.methods.base import Method, Plan, compress_images
 
 
 @dataclass
@@ -24,6 +25,47 @@ class Reference:
     token_map: list[int]
 
 
+@contextlib.contextmanager
+def float32_compute(model):
+    """HF's forward in float32 on a float16/bfloat16 model, without a float32 copy of it.
+
+    Every module with parameters of its own casts them, and its floating-point inputs, to float32 when it is
+    called, and puts the stored tensors back when it returns (the weights are never changed; fp16/bf16 ->
+    fp32 is exact), so memory holds one module's float32 weights at a time (the largest, the 7B LM head:
+    0.5 GB). The result is HF's float32 math on the build-dtype weights: the reference reduced-precision
+    graphs are held to (parity.DTYPE_TOLERANCE), computed at float32 speed. No-op on a float32 model."""
+    if next(model.parameters()).dtype == torch.float32:
+        yield
+        return
+    saved: dict[int, list] = {}
+
+    def up(x):
+        return x.float() if torch.is_tensor(x) and x.is_floating_point() else x
+
+    def pre(module, args, kwargs):
+        stored = []
+        for p in module.parameters(recurse=False):
+            stored.append((p, p.data))
+            p.data = p.data.float()
+        saved.setdefault(id(module), []).append(stored)
+        return tuple(up(a) for a in args), {k: up(v) for k, v in kwargs.items()}
+
+    def post(module, args, kwargs, output):
+        for p, data in saved[id(module)].pop():
+            p.data = data
+
+    handles = []
+    try:
+        for m in model.modules():
+            if next(m.parameters(recurse=False), None) is not None:
+                handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+                handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def reference_visual(adapter, model, method, plan: Plan, spec, pixel_values: torch.Tensor):
     """(embeds [1, K, D], kept_index [1, K], token_map [1, N]) in eager PyTorch.
 
@@ -32,7 +74,7 @@ def reference_visual(adapter, model, method, plan: Plan, spec, pixel_values: tor
     with torch.no_grad():
         if type(method).vision_forward is not Method.vision_forward:
             return method.vision_forward(adapter, model, pixel_values, spec, plan)
-        return method.compress(adapter.reference_features(model, pixel_values), spec, plan)
+        return compress_images(method, adapter.reference_features(model, pixel_values), spec, plan)
 
 
 def _greedy(model, max_new_tokens: int, **inputs) -> tuple[list[int], list]:
@@ -65,7 +107,7 @@ def reference_generate(adapter, model, method, plan: Plan, spec, pixel_values: t
                                  **adapter.reference_generate_inputs(model, before, after, pixel_values))
     else:
         table = adapter.embed_table(model)
-        embeds = torch.cat([table[before][None], image_embeds, table[after][None]], dim=1)
+        embeds = adapter.merge_embeds(model, table, before, image_embeds, after)  # tiles: per-tile text between
         mask = torch.ones(embeds.shape[:2], dtype=torch.long)
         tokens, logits = _greedy(model, max_new_tokens, inputs_embeds=embeds, attention_mask=mask)
     return Reference(tokens=tokens, step_logits=logits, image_embeds=image_embeds, kept_index=kept[0].tolist(),
@@ -104,7 +146,7 @@ def eager_generate(adapter, model, method, plan: Plan, pixel_values, before, aft
         else:
             image_embeds, kept, token_map = reference_visual(adapter, model, method, plan, spec, pixel_values)
     table = adapter.embed_table(model)
-    embeds = torch.cat([table[before][None], image_embeds, table[after][None]], dim=1)  # [1, S, D]
+    embeds = adapter.merge_embeds(model, table, before, image_embeds, after)  # [1, S, D]
     n_layers = adapter.lm_spec(model).num_layers
     w = method.work_layer(plan) or n_layers
     segs = [adapter.static_cache_lm(model, (0, w))] + ([adapter.static_cache_lm(model, (w, n_layers))] if w < n_layers else [])

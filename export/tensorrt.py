@@ -257,6 +257,21 @@ def check_device(quantized: set[str], device) -> None:
                            "Rebuild the artifact with --kv-cache int8 (or fp16) for this device.")
 
 
+def check_version(directory: Path, graphs: dict, version: str) -> None:
+    """INT4 weights (opset 21) need a newer TensorRT than the lint table's: refuse an older one, naming the
+    version the graph needs (vtc.export.lint.required_tensorrt), before spending minutes on a build."""
+    import onnx
+
+    from vtc.export.lint import _version, required_tensorrt
+
+    for name, spec in graphs.items():
+        need = required_tensorrt(onnx.load(str(Path(directory) / spec.file), load_external_data=False))
+        if _version(version) < _version(need):
+            raise BackendError(f"graph {name} needs TensorRT >= {need} (int4 weights: DequantizeLinear with block_size, "
+                               f"opset 21); this host has TensorRT {version}.",
+                               "Upgrade TensorRT, or rebuild the artifact with --weights int8 (or fp).")
+
+
 def build_engines(directory: Path, graphs: dict, options: EngineOptions, step, out_dir: Path | None = None):
     """Build one engine per graph into `out_dir` (default directory/engines); returns the manifest's
     EngineInfo (file paths relative to `directory`). Needs TensorRT and a GPU."""
@@ -270,6 +285,7 @@ def build_engines(directory: Path, graphs: dict, options: EngineOptions, step, o
     out_dir.mkdir(parents=True, exist_ok=True)
     quantized = {name: quantized_types(Path(directory) / spec.file) for name, spec in graphs.items()}
     check_device(set().union(*quantized.values()), device)
+    check_version(directory, graphs, trt.__version__)
     entries = {}
     for name, spec in graphs.items():
         profiles = graph_profiles(name, graphs)
@@ -303,8 +319,9 @@ def lint_step(directory: Path, graphs: dict, backend: str, step):
     build they are returned (the CLI prints them) since ORT runs the artifact regardless."""
     from vtc.export.lint import lint_graphs
 
+    target = require_tensorrt().__version__ if backend == "tensorrt" else None  # the engines' TensorRT (INT4 weights)
     with step("checking the graphs against TensorRT's ONNX parser support (lint)"):
-        report = lint_graphs(directory, graphs)
+        report = lint_graphs(directory, graphs, tensorrt_version=target)
     if backend == "tensorrt":
         report.raise_if_errors()
     return report
@@ -341,7 +358,7 @@ def build_engines_in_place(art: Path, options: EngineOptions, step):
             placement.claim_inside(art, ENGINE_DIR, listed, Path(art) / mf.MANIFEST) as claim:
         m = mf.load(art, check_files="sizes")  # after a killed run's leftovers were settled (claim_inside)
         with step("checking the graphs against TensorRT's ONNX parser support (lint)"):
-            lint_graphs(art, m.graphs).raise_if_errors()
+            lint_graphs(art, m.graphs, tensorrt_version=require_tensorrt().__version__).raise_if_errors()
         info = build_engines(art, m.graphs, options, step, out_dir=claim.path)
         files = {k: v for k, v in m.files.items() if not k.startswith(prefix)}
         for p in sorted(claim.path.iterdir()):

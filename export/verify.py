@@ -23,7 +23,7 @@ def verify(artifact_dir: Path, tokens: int = 32, model_dir: str | None = None, s
         raise ModelError(f"the source checkpoint {src} recorded in the manifest is not there.",
                          "Pass --model DIR with the checkpoint the artifact was built from.")
     with step("loading the source checkpoint in PyTorch"):
-        adapter = models.resolve(src)
+        adapter = models.resolve(src).with_image_splits(m.build_args.get("image_splits"))  # the built image layout
         model = adapter.load(src)
     spec = adapter.visual_spec(model)
     if spec.num_tokens != m.compression.n_visual:

@@ -278,6 +278,8 @@ def validate(m) -> None:
         _int(meta["bytes"], f"files[{rel!r}].bytes", 0, LIMITS["file_bytes"])
     if m.engines is not None:
         _validate_engines(m.engines, m.graphs)
+    if getattr(m, "weights", None) is not None:
+        _validate_weights(m.weights, m.graphs)
 
 
 def _validate_kv(kv, L: int, kvh: int, dh: int, max_len: int) -> None:
@@ -379,7 +381,8 @@ def _validate_graphs(m, names: set, n: int, k: int, d: int, vocab: int, L: int, 
     if [type(x) for x in hw] != [int, int] or not all(1 <= x <= LIMITS["image_side"] for x in hw):
         _fail(f"manifest graph 'vision' input pixel_values has shape {vin[0][2]}; H and W must be integers in "
               f"[1, {LIMITS['image_side']}].")
-    _expect_io("vision", "inputs", vin, [("pixel_values", FLOAT_DTYPES, [1, 3, *hw])])
+    images = _images(m)  # a tiling processor's tiles + global image go through the graph as one batch
+    _expect_io("vision", "inputs", vin, [("pixel_values", FLOAT_DTYPES, [images, 3, *hw])])
     _expect_io("vision", "outputs", vout, [("image_embeds", FLOAT_DTYPES, [1, vis_k, d]),
                                            ("kept_index", "int64", [1, vis_k]), ("token_map", "int64", [1, n])])
     segments = ({"llm": (0, L, True)} if m.compression.stage == "vision"
@@ -473,6 +476,30 @@ def _validate_preprocess(m) -> None:
               f"graph takes {want}.")
 
 
+def _images(m) -> int:
+    """Images per prompt (vtc.runtime.tiling: R*C tiles + the global image, else 1). The image prompt must
+    place that many blocks, and N and K must split evenly over them (the runtime places K/B per block)."""
+    from vtc.runtime.preprocess import ImagePreprocessor
+
+    try:
+        images = getattr(ImagePreprocessor.from_config(_dict(m.preprocess, "preprocess"), error=ArtifactError),
+                         "num_images", 1)
+    except VtcError as e:
+        _fail(f"manifest field preprocess: {e.what}", REBUILD)
+    prompt = m.text.image_prompt
+    if prompt is not None:
+        _str(prompt, "text.image_prompt", 65536)  # 12 x 12 tiles of per-tile text: ~7,000 characters
+        if prompt.count(m.model.image_token) != images:
+            _fail(f"manifest field text.image_prompt places {prompt.count(m.model.image_token)} image blocks; the "
+                  f"preprocessing makes {images} images.")
+    elif images != 1:
+        _fail(f"manifest field preprocess makes {images} images, but text.image_prompt (where they go) is null.")
+    if m.compression.n_visual % images or m.compression.k_visual % images:
+        _fail(f"manifest fields compression.n_visual {m.compression.n_visual} and k_visual {m.compression.k_visual} "
+              f"do not split evenly over {images} images.")
+    return images
+
+
 def _validate_engines(e, graphs: dict) -> None:
     _str(e.tensorrt_version, "engines.tensorrt_version")
     _str(e.device, "engines.device")
@@ -493,6 +520,46 @@ def _validate_engines(e, graphs: dict) -> None:
         for key in ("profiles", "quantized"):
             for i, x in enumerate(_list(entry[key], f"{w}.{key}", max_len=64)):
                 _str(x, f"{w}.{key}[{i}]")
+
+
+WEIGHT_DTYPES, WEIGHT_ALGOS = ("int8", "int4"), ("rtn", "awq")
+WEIGHT_GRAPH_KEYS = {"layers", "lm_head", "bytes_before", "bytes_after", "data_bytes_before", "data_bytes_after", "opset",
+                     "clipped"}
+
+
+def _validate_weights(w, graphs: dict) -> None:
+    """The `weights` entry (build --weights): what it says must be self-consistent; the graphs' own
+    DequantizeLinear nodes are what the runtime executes."""
+    dtype = _choice(w.dtype, "weights.dtype", WEIGHT_DTYPES)
+    _choice(w.algo, "weights.algo", WEIGHT_ALGOS)
+    if dtype == "int4":
+        g = _int(w.group_size, "weights.group_size", 16, LIMITS["hidden_size"])
+        if g & (g - 1):
+            _fail(f"manifest field weights.group_size is {g}; it must be a power of two.")
+    elif w.group_size is not None:
+        _fail("manifest field weights.group_size must be null for int8 weights (one scale per output channel).")
+    if w.algo == "awq" and dtype != "int4":
+        _fail("manifest field weights.algo is awq, which vtc only searches for int4 weights.")
+    if not isinstance(w.lm_head, bool):
+        _fail("manifest field weights.lm_head should be a boolean.")
+    per_graph = _dict(w.graphs, "weights.graphs")
+    if not per_graph or set(per_graph) - set(graphs):
+        _fail(f"manifest field weights.graphs names {_short(sorted(per_graph))}; it must name graphs of this artifact.")
+    totals = {"layers": 0, "bytes_before": 0, "bytes_after": 0}
+    for name, entry in per_graph.items():
+        _dict(entry, f"weights.graphs.{name}", WEIGHT_GRAPH_KEYS)
+        for key in WEIGHT_GRAPH_KEYS - {"lm_head"}:
+            _int(entry[key], f"weights.graphs.{name}.{key}", 0, LIMITS["file_bytes"])
+        for key in totals:
+            totals[key] += entry[key]
+    for key, total in totals.items():
+        _int(getattr(w, key), f"weights.{key}", total, total)
+    if w.layers < 1:
+        _fail("manifest field weights.layers is 0; a weights entry is written only when layers were quantized.")
+    if w.min_tensorrt is not None and not re.fullmatch(r"[0-9]{1,3}(\.[0-9]{1,3}){1,3}", str(w.min_tensorrt)):
+        _fail(f"manifest field weights.min_tensorrt is {_short(w.min_tensorrt)}; it must look like '10.15'.")
+    _dict(w.awq, "weights.awq")
+    _dict(w.accuracy, "weights.accuracy")
 
 
 def referenced_files(m) -> dict[str, str]:

@@ -43,12 +43,14 @@ class GraphSession:
 
 
 class OrtSession(GraphSession):
-    def __init__(self, path: Path, spec: GraphSpec, threads: int | None, provider: str = "cpu", spin: bool = True):
+    def __init__(self, path: Path, spec: GraphSpec, threads: int | None, provider: str = "cpu", spin: bool = True,
+                 memory_arena: bool = True):
         super().__init__(spec)
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.enable_cpu_mem_arena = memory_arena  # see OrtBackend
         if threads:
             opts.intra_op_num_threads = threads
         if not spin:  # see OrtBackend.prepare
@@ -155,9 +157,12 @@ def env_threads() -> int | None:
 class OrtBackend:
     name = "onnxruntime"
 
-    def __init__(self, threads: int | None = None, provider: str = "cpu"):
+    def __init__(self, threads: int | None = None, provider: str = "cpu", memory_arena: bool = True):
+        """`memory_arena=False`: activations are freed after each run instead of kept in ONNX Runtime's CPU
+        arena (which grows in power-of-two chunks): the memory-lean build's check, whose peak counts."""
         self.threads = check_threads(threads) or env_threads()
         self.provider = provider
+        self.memory_arena = memory_arena
         self.fallback: str | None = None  # why a session runs on another provider than asked
         self.spin = True
 
@@ -169,7 +174,8 @@ class OrtBackend:
         self.spin = "llm" in manifest.graphs
 
     def open(self, artifact_dir: Path, spec: GraphSpec) -> GraphSession:
-        session = OrtSession(Path(artifact_dir) / spec.file, spec, self.threads, self.provider, self.spin)
+        session = OrtSession(Path(artifact_dir) / spec.file, spec, self.threads, self.provider, self.spin,
+                             self.memory_arena)
         self.fallback = self.fallback or session.fallback
         return session
 

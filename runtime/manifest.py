@@ -87,6 +87,9 @@ class TextInfo:
     eos_token_ids: list
     chat_template: str | None  # file name in the artifact, or None (prompts must then be --raw)
     tokenizer_as_is: bool = False  # tokenizer.json is used whatever tokenizer_class says (as transformers does for it)
+    # what the image token expands to: the per-tile text with one image token per block of visual tokens
+    # (Idefics3/SmolVLM; the K visual tokens are split evenly over the blocks); None = the image token itself
+    image_prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,25 @@ class EngineInfo:
 
 
 @dataclass(frozen=True)
+class WeightsInfo:
+    """Weight-only quantization of the LLM graphs (build --weights int8|int4; vtc.export.wquant): constant
+    int8/int4 weights + DequantizeLinear -> MatMul, plugin-free."""
+
+    dtype: str  # int8 (per output channel) | int4 (blocks of group_size along the input dim)
+    group_size: int | None  # int4 block size; None for int8
+    algo: str  # rtn | awq (scales searched on the calibration set and folded in before export)
+    layers: int  # linear layers quantized, all LLM graphs together
+    lm_head: bool  # the LM head too (int8)
+    bytes_before: int  # the quantized layers' float weights
+    bytes_after: int  # their int8/int4 weights + scales
+    graphs: dict  # graph name -> {layers, lm_head, bytes_before, bytes_after, data_bytes_before, data_bytes_after, opset,
+    #               clipped}
+    min_tensorrt: str | None  # the oldest TensorRT that parses these graphs (INT4: opset 21)
+    awq: dict  # the AWQ search summary (empty for rtn)
+    accuracy: dict  # quantized vs float weights on held-out pairs (as kv_cache.accuracy); empty if not measured
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema: str
     schema_version: int
@@ -134,6 +156,7 @@ class Manifest:
     files: dict  # relative path -> {"sha256": str, "bytes": int}
     engines: EngineInfo | None = None  # optional: TensorRT engines (absent in ONNX-only artifacts)
     dtype: str = "float32"  # weights and activations of every graph (build --dtype): float32 | float16 | bfloat16
+    weights: WeightsInfo | None = None  # optional: quantized LLM weights (absent or null = float weights, `dtype`)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"

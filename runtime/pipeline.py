@@ -26,14 +26,17 @@ from vtc.runtime.text import StreamDecoder, TextProcessor
 
 @dataclass
 class Prompt:
-    """Token ids around the image: text = before + [K visual tokens] + after."""
+    """Token ids around the image: text = before + [K visual tokens] + after. A tiled image (manifest
+    `text.image_prompt` with B image tokens) is B blocks of K/B visual tokens with `between[i]` (the per-tile
+    text) after block i: before + [block 0] + between[0] + ... + [block B-1] + after."""
 
     before: list[int]
     after: list[int]
+    between: list[list[int]] = field(default_factory=list)
 
     @property
     def num_text(self) -> int:
-        return len(self.before) + len(self.after)
+        return len(self.before) + len(self.after) + sum(len(t) for t in self.between)
 
 
 @dataclass
@@ -63,26 +66,41 @@ class VLM:
         self.manifest = m = manifest if manifest is not None else mf.load(self.dir, check_files=check_files)
         self.backend = backend or get_backend()
         self.preprocessor = ImagePreprocessor.from_config(m.preprocess)
-        self.text = TextProcessor.from_dir(self.dir, image_token=m.model.image_token, tokenizer_as_is=m.text.tokenizer_as_is)
+        self.text = TextProcessor.from_dir(self.dir, image_token=m.model.image_token, tokenizer_as_is=m.text.tokenizer_as_is,
+                                           image_prompt=m.text.image_prompt)
         self.embed = np.load(self.dir / m.embeddings["file"], mmap_mode="r", allow_pickle=False)  # [V, D]
         if m.embeddings.get("dtype") == "bfloat16":  # stored as raw 16-bit words (.npy has no bfloat16)
             self.embed = self.embed.view(storage_dtype("bfloat16"))
         self.eos = set(m.text.eos_token_ids)
+        self.vision = self.lm = self.cache = None
         if open_graphs:
             self.open()
 
-    def open(self) -> None:
-        """Open every graph on the backend, and the KV cache."""
+    def open(self, graphs: tuple[str, ...] | None = None) -> None:
+        """Open the graphs on the backend (all, or the `graphs` named: "vision", or the language model's),
+        and the KV cache with the language model. A build with one copy of the weights in memory opens the
+        vision graph, encodes, `close()`s it, then opens the rest (`generate_from(..., encoded=...)`)."""
         m = self.manifest
+        names = list(m.graphs) if graphs is None else list(graphs)
+        unknown = [n for n in names if n not in m.graphs]
+        if unknown:
+            raise InputError(f"this artifact has no graph {unknown[0]!r} (it has {', '.join(m.graphs)}).",
+                             "Name graphs from the manifest's `graphs`.")
         if hasattr(self.backend, "prepare"):
             self.backend.prepare(m)
-        sessions = {name: self.backend.open(self.dir, spec) for name, spec in m.graphs.items()}
-        self.vision = sessions.pop("vision")
+        sessions = {name: self.backend.open(self.dir, m.graphs[name]) for name in names}
+        self.vision = sessions.pop("vision", None)
         self._pixel_dtype = storage_dtype(next(t.dtype for t in m.graphs["vision"].inputs if t.name == "pixel_values"))
-        self.cache = StaticKVCache(m.lm.num_layers, m.lm.num_kv_heads, m.lm.head_dim, m.text.max_seq_len,
-                                   m.kv_cache.layer_dtypes)
-        self.lm = LanguageModel(m, sessions, self.cache)
+        self.cache = self.lm = None
+        if sessions:
+            self.cache = StaticKVCache(m.lm.num_layers, m.lm.num_kv_heads, m.lm.head_dim, m.text.max_seq_len,
+                                       m.kv_cache.layer_dtypes)
+            self.lm = LanguageModel(m, sessions, self.cache)
         self.load_ms = (time.perf_counter() - self._t0) * 1e3
+
+    def close(self) -> None:
+        """Drop every open session and the KV cache (their memory goes back with them)."""
+        self.vision = self.lm = self.cache = None
 
     # -- inputs ----------------------------------------------------------------------------------
     def prepare_prompt(self, prompt: str, raw: bool = False) -> Prompt:
@@ -92,19 +110,32 @@ class VLM:
                 raise InputError(f"a --raw prompt must contain {m.model.image_token!r} exactly once "
                                  f"(found {prompt.count(m.model.image_token)}).",
                                  f"Put {m.model.image_token} where the image goes, or drop --raw to use the chat template.")
-            ids = self.text.encode(prompt)
+            ids = self.text.encode(self.text.expand_image(prompt))
         else:
             if m.text.chat_template is None:
                 raise InputError("this artifact has no chat template.", "Pass --raw with a prompt that contains "
                                  f"{m.model.image_token}.")
             ids = self.text.prompt_ids(prompt)
-        before, after = self.text.split_at_image(ids, m.model.image_token_id)
-        p = Prompt(before, after)
+        blocks = self.text.split_at_images(ids, self.image_blocks, m.model.image_token_id)
+        p = Prompt(blocks[0], blocks[-1], blocks[1:-1])
         if p.num_text > m.text.budget:
             raise InputError(f"the prompt is {p.num_text} text tokens; this artifact was built for at most "
                              f"{m.text.budget}.", "Shorten the prompt, or rebuild with "
                              f"`vtc-export build --text-budget {p.num_text}` (or more).")
         return p
+
+    @property
+    def image_blocks(self) -> int:
+        """B: blocks of visual tokens in a prompt (the image tokens of `text.image_prompt`; 1 without one)."""
+        m = self.manifest
+        blocks = 1 if m.text.image_prompt is None else m.text.image_prompt.count(m.model.image_token)
+        if m.compression.k_visual % blocks or m.compression.n_visual % blocks:
+            from vtc.runtime.errors import ArtifactError
+
+            raise ArtifactError(f"text.image_prompt places {blocks} image blocks, which do not split "
+                                f"{m.compression.k_visual} of {m.compression.n_visual} visual tokens evenly.",
+                                "Rebuild the artifact.")
+        return blocks
 
     def prepare_image(self, image) -> np.ndarray:
         """Path or PIL image -> pixel_values [1, 3, H, W] float32."""
@@ -114,14 +145,21 @@ class VLM:
     # -- graphs ----------------------------------------------------------------------------------
     def encode_image(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image_embeds [1, K, D], kept_index [1, K], token_map [1, N])."""
+        if self.vision is None:
+            raise InputError("the vision graph is not open.", "Call VLM.open() (or open(['vision'])) first.")
         embeds, kept, token_map = self.vision.run({"pixel_values": pixel_values.astype(self._pixel_dtype, copy=False)})
         return embeds, kept, token_map
 
     def prefill(self, prompt: Prompt, image_embeds: np.ndarray) -> np.ndarray:
         """Run the whole prompt once; fills the cache; returns last-position logits [V]."""
+        if self.lm is None:
+            raise InputError("the language model's graphs are not open.", "Call VLM.open() first.")
         table = self.embed
-        embeds = np.concatenate([table[prompt.before][None], image_embeds.astype(table.dtype),
-                                 table[prompt.after][None]], axis=1)  # [1, T, D]
+        visual = np.split(image_embeds.astype(table.dtype), len(prompt.between) + 1, axis=1)  # B x [1, K/B, D]
+        parts = [table[prompt.before][None]]
+        for block, text in zip(visual, [*prompt.between, prompt.after]):
+            parts += [block, table[text][None]]
+        embeds = np.concatenate(parts, axis=1)  # [1, T, D]
         if embeds.shape[1] > self.cache.max_len:
             raise InputError(f"the prompt needs {embeds.shape[1]} cache positions; the cache has {self.cache.max_len}.",
                              "Rebuild with a larger --max-seq-len.")
@@ -152,15 +190,16 @@ class VLM:
 
     def generate_from(self, pixel_values: np.ndarray, prompt: Prompt, max_new_tokens: int = 64,
                       sampling: SamplingConfig = SamplingConfig(), on_text=None, preprocess_ms: float = 0.0,
-                      ignore_eos: bool = False) -> GenerationResult:
-        """Generate from preprocessed pixels [1, 3, H, W]; `ignore_eos` always runs max_new_tokens (parity)."""
+                      ignore_eos: bool = False, encoded: tuple | None = None) -> GenerationResult:
+        """Generate from preprocessed pixels [1, 3, H, W]; `ignore_eos` always runs max_new_tokens (parity);
+        `encoded`: what `encode_image(pixel_values)` returned, to reuse (its vision time is then 0)."""
         if max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be at least 1 (got {max_new_tokens}).", "Pass a positive number.")
         self.check_room(prompt, max_new_tokens)
         stream = StreamDecoder(self.text)
         t0 = time.perf_counter()
         sampler = Sampler(sampling)
-        image_embeds, kept, token_map = self.encode_image(pixel_values)
+        image_embeds, kept, token_map = encoded if encoded is not None else self.encode_image(pixel_values)
         t1 = time.perf_counter()
         logits = self.prefill(prompt, image_embeds)
         t_prefill = time.perf_counter()

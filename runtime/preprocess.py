@@ -26,6 +26,8 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Processor types (after dropping a "Fast"/"Pil" suffix) -> whether `do_pad` means LLaVA's pad-to-square.
 SUPPORTED_TYPES = {"CLIPImageProcessor": False, "LlavaImageProcessor": True}
+# Idefics3 / SmolVLM: resize, then a static tile layout + global image (TiledPreprocessor, below).
+TILED_TYPES = ("Idefics3ImageProcessor", "SmolVLMImageProcessor")
 RESAMPLE_FILTERS = {0, 1, 2, 3, 4, 5}  # PIL: NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
 # Input bounds, checked on the header (before any decode) and again before every pad/resize/crop, so an
 # image's memory cost is bounded whatever its file size: a 168-byte 30000x1 PNG would otherwise be padded
@@ -171,10 +173,10 @@ def _processor_type(cfg: dict) -> str:
     if not name and cfg.get("feature_extractor_type"):
         name = str(cfg["feature_extractor_type"]).replace("FeatureExtractor", "ImageProcessor")
     base = name.removesuffix("Fast").removesuffix("Pil")
-    if base not in SUPPORTED_TYPES:
+    if base not in SUPPORTED_TYPES and base not in TILED_TYPES:
         raise ModelError(
             f"Image processor {name or '(none given)'!r} is not supported by vtc's preprocessing "
-            f"(supported: {', '.join(sorted(SUPPORTED_TYPES))}).",
+            f"(supported: {', '.join(sorted([*SUPPORTED_TYPES, *TILED_TYPES]))}).",
             "Use a LLaVA/CLIP-style checkpoint, or add this processor to vtc.runtime.preprocess.",
         )
     return base
@@ -279,6 +281,10 @@ class ImagePreprocessor:
             raise ModelError(f"preprocessor_config.json: the config is a {type(cfg).__name__}, not an object.",
                              "Fix the config.")
         base = _processor_type(cfg)
+        if base in TILED_TYPES:
+            from vtc.runtime.tiling import TiledPreprocessor
+
+            return TiledPreprocessor.from_processor_config(cfg, base)
         _check_unsupported(cfg, base)
         size = _size_dict(_pick(cfg, "size", {"shortest_edge": 224}), bool(_pick(cfg, "default_to_square", False)),
                           "size")

@@ -308,7 +308,7 @@ class TextProcessor:
     """Prompt formatting + tokenization of one checkpoint/artifact directory, equal to its HF tokenizer."""
 
     def __init__(self, tokenizer: Tokenizer, tokenizer_config: dict, chat_template: str | None, image_token: str,
-                 eos_token_ids: frozenset[int]):
+                 eos_token_ids: frozenset[int], image_prompt: str | None = None):
         self.tokenizer = tokenizer
         self.special_tokens = {k: _token_str(v) for k, v in _special_tokens(tokenizer_config).items()}
         self.chat_template = chat_template
@@ -323,15 +323,17 @@ class TextProcessor:
             raise ModelError(f"The tokenizer has no image token {image_token!r}.",
                              "Use the checkpoint's own tokenizer, or pass its image token.")
         self.image_token_id: int = image_id
+        self.image_prompt = _check_image_prompt(image_prompt, image_token)
 
     @classmethod
     def from_dir(cls, directory: str | Path, image_token: str | None = None,
-                 tokenizer_as_is: bool = False) -> TextProcessor:
+                 tokenizer_as_is: bool = False, image_prompt: str | None = None) -> TextProcessor:
         """Load tokenizer.json, tokenizer_config.json and the chat template of ``directory``.
 
         ``tokenizer_as_is`` (the architecture's: adapter / manifest) says, like ``AutoTokenizer``, that a
         declared tokenizer_class such as LlamaTokenizer is ignored (LLaVA); otherwise such a class would
-        be rebuilt by transformers, and loading it is a ModelError.
+        be rebuilt by transformers, and loading it is a ModelError. ``image_prompt`` (the manifest's
+        ``text.image_prompt``): what the image token expands to (``expand_image``).
         """
         d = Path(directory)
         tcfg = _read_json(d / "tokenizer_config.json")
@@ -343,7 +345,7 @@ class TextProcessor:
         image_token = (image_token or _read_json(d / "processor_config.json").get("image_token")
                        or _token_str(specials.get("image_token")) or "<image>")
         eos = _eos_ids(d, tok, _token_str(specials.get("eos_token")))
-        return cls(tok, tcfg, find_chat_template(d), image_token, eos)
+        return cls(tok, tcfg, find_chat_template(d), image_token, eos, image_prompt)
 
     def format(self, user_text: str) -> str:
         """The chat-formatted prompt for one image + ``user_text`` (ModelError if there is no template)."""
@@ -358,9 +360,25 @@ class TextProcessor:
     def prompt_ids(self, user_text: str) -> list[int]:
         """``format`` + ``encode`` as ``ProcessorMixin.apply_chat_template(tokenize=True)`` does it
         (no special tokens added when the rendered prompt already starts with the BOS token)."""
-        prompt = self.format(user_text)
+        prompt = self.expand_image(self.format(user_text))
         bos = self.special_tokens.get("bos_token")
         return self.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
+
+    def expand_image(self, prompt: str) -> str:
+        """The prompt with its image token replaced by ``image_prompt`` (the per-tile text around one image
+        token per block of visual tokens, as Idefics3/SmolVLM processors expand it); as is without one."""
+        return prompt if self.image_prompt is None else prompt.replace(self.image_token, self.image_prompt)
+
+    def split_at_images(self, ids: Iterable[int], blocks: int, image_token_id: int | None = None) -> list[list[int]]:
+        """The ids around `blocks` single image tokens: [before, between..., after] (blocks + 1 lists)."""
+        ids = list(ids)
+        target = self.image_token_id if image_token_id is None else image_token_id
+        at = [i for i, t in enumerate(ids) if t == target]
+        if len(at) != blocks:
+            raise InputError(f"The prompt has {len(at)} image tokens (id {target}); this artifact places {blocks}.",
+                             "Pass one image and a prompt that does not contain the image token itself.")
+        edges = [-1, *at, len(ids)]
+        return [ids[a + 1:b] for a, b in zip(edges, edges[1:])]
 
     def split_at_image(self, ids: Iterable[int], image_token_id: int | None = None) -> tuple[list[int], list[int]]:
         """The ids before and after the single image token."""
@@ -391,6 +409,18 @@ class TextProcessor:
     def special_token_ids(self) -> frozenset[int]:
         """Ids that ``decode`` skips (added tokens flagged special)."""
         return frozenset(i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special)
+
+
+def _check_image_prompt(image_prompt: str | None, image_token: str) -> str | None:
+    """The image prompt of an artifact: a bounded string with at least one image token (ArtifactError)."""
+    from vtc.runtime.errors import ArtifactError
+
+    if image_prompt is None:
+        return None
+    if not isinstance(image_prompt, str) or len(image_prompt) > 65536 or image_token not in image_prompt:
+        raise ArtifactError(f"text.image_prompt must be a string of at most 65536 characters that contains the "
+                            f"image token {image_token!r}.", "Rebuild the artifact.")
+    return image_prompt
 
 
 def _clean_up_tokenization(text: str) -> str:

@@ -5,6 +5,7 @@ library module from the parsed arguments (`parse`), so no command maps flags to 
 
     BuildOptionsArgs   --model --method --ratio --method-opt [--output ... --force] -> build.BuildArgs fields
     KvCacheArgs        "KV cache" flags                        -> BuildArgs kv_* / calib_* fields
+    WeightsArgs        --weights --group-size --weights-algo   -> BuildArgs weights / group_size / weights_algo
     EngineArgs         "TensorRT engines" flags                -> BuildArgs backend/engine; tensorrt.EngineOptions fields
     RuntimeBackendArgs --threads [--backend --provider]        -> vtc.runtime.get_backend(...)
     SweepOptionsArgs   every `sweep` flag                      -> sweep.SweepArgs
@@ -56,6 +57,9 @@ class BuildOptionsArgs:
         parser.add_argument("--parity-tokens", type=int, default=8, metavar="N",
                             help="greedy tokens compared against PyTorch during the build (default 8)")
         parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+        parser.add_argument("--image-splits", type=int, nargs="+", metavar="R C",
+                            help="static image layout of tiling models (Idefics3/SmolVLM): R C = R x C tiles + the "
+                                 "global image, 0 = the global image only (the default)")
         self.add_dtype(parser)
 
     @staticmethod
@@ -69,7 +73,8 @@ class BuildOptionsArgs:
                       method_options=method_options(args.method_opt), dtype=args.dtype)
         if not self.calibrate:
             fields.update(output=args.output, max_seq_len=args.max_seq_len, text_budget=args.text_budget,
-                          parity_tokens=args.parity_tokens, force=args.force)
+                          parity_tokens=args.parity_tokens, force=args.force,
+                          image_splits=None if args.image_splits is None else tuple(args.image_splits))
         return fields
 
 
@@ -114,6 +119,26 @@ class KvCacheArgs:
         if self.with_dtype:
             fields.update(kv_cache=args.kv_cache, kv_scales=args.kv_scales, kv_fallback=args.kv_fallback_threshold)
         return fields
+
+
+class WeightsArgs:
+    """Weight-only quantization of the LLM -> BuildArgs weights, group_size, weights_algo (vtc.export.wquant)."""
+
+    def add_to_parser(self, parser) -> None:
+        g = parser.add_argument_group("weights", "the LLM's linear layers as int8/int4 + DequantizeLinear (plugin-free "
+                                      "ONNX; ONNX Runtime fuses them into MatMulNBits). Examples: --weights int8; "
+                                      "--weights int4 --weights-algo awq; --weights int4 --group-size 64")
+        g.add_argument("--weights", default="fp", choices=["fp", "int8", "int4"],
+                       help="fp: the graph dtype (default); int8: one scale per output channel; int4: one scale per "
+                            "--group-size inputs (opset 21; TensorRT needs a newer version, see `vtc-export lint`)")
+        g.add_argument("--group-size", type=int, default=128, metavar="G",
+                       help="int4 block size along each layer's input dim: a power of two >= 16 dividing it (default 128)")
+        g.add_argument("--weights-algo", default="rtn", choices=["rtn", "awq"],
+                       help="rtn: round to nearest (default); awq: activation-aware scales searched on the calibration "
+                            "set (--calib-images/--calib-prompts, else the default set) and folded in before export")
+
+    def parse(self, args) -> dict:
+        return dict(weights=args.weights, group_size=args.group_size, weights_algo=args.weights_algo)
 
 
 class EngineArgs:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from vtc.export.commands.args import BuildOptionsArgs, EngineArgs, KvCacheArgs
+from vtc.export.commands.args import BuildOptionsArgs, EngineArgs, KvCacheArgs, WeightsArgs
 from vtc.export.commands.ui import err, out, quiet_transformers, step, subcommand
 
-OPTIONS, KV, ENGINE = BuildOptionsArgs(), KvCacheArgs(), EngineArgs()
+OPTIONS, KV, WEIGHTS, ENGINE = BuildOptionsArgs(), KvCacheArgs(), WeightsArgs(), EngineArgs()
 
 
 def add_parser(subparsers):
@@ -16,9 +16,12 @@ def add_parser(subparsers):
           vtc-export build --method pool --method-opt window=3  # explicit 3x3 pooling window
           vtc-export build --ratio 0.25 --kv-cache int8          # INT8 KV cache, calibrated on the bundled photos
           vtc-export build --kv-cache fp8 --kv-scales kv_scales.json
+          vtc-export build --ratio 0.25 --weights int8                 # int8 weights, one scale per output channel
+          vtc-export build --method fastv --ratio 0.25 --weights int4 --weights-algo awq --kv-cache int8
           vtc-export build --ratio 0.25 --backend tensorrt --precision fp16   # + TensorRT engines (GPU host)
+          vtc-export build --model ./SmolVLM-256M-Instruct --method divprune --image-splits 2 2   # 4 tiles + global
         """)
-    for group in (OPTIONS, KV, ENGINE):
+    for group in (OPTIONS, KV, WEIGHTS, ENGINE):
         group.add_to_parser(p)
     return p
 
@@ -30,7 +33,7 @@ def run(args) -> int:
 
     # engine = only the engine flags given: build.prepare (tensorrt.check_backend) refuses them without
     # --backend tensorrt and checks that TensorRT imports, before any export work
-    bargs = BuildArgs(**OPTIONS.parse(args), **KV.parse(args), **ENGINE.parse(args))
+    bargs = BuildArgs(**OPTIONS.parse(args), **KV.parse(args), **WEIGHTS.parse(args), **ENGINE.parse(args))
     quiet_transformers()
     if args.model is None:
         err.print(f"[yellow]note:[/] no --model given: using the built-in {DEMO_NOTICE}.")

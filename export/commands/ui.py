@@ -33,11 +33,24 @@ def _dedent(text: str) -> str:
 
 @contextlib.contextmanager
 def step(label: str):
-    """Progress for one long step: a spinner while it runs, then a check mark and its duration."""
+    """Progress for one long step: a spinner while it runs, then a check mark, its duration and the process's
+    peak memory so far (the step that raises it is the one to look at on a small host)."""
     t0 = time.perf_counter()
     with err.status(f"{label}..."):
         yield
-    err.print(f"[green]✓[/] {label} [dim]({time.perf_counter() - t0:.1f} s)[/]")
+    peak = _peak_rss()
+    mem = f", peak RSS {peak / 2**30:.2f} GiB" if peak else ""
+    err.print(f"[green]✓[/] {label} [dim]({time.perf_counter() - t0:.1f} s{mem})[/]")
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set size in bytes (0 where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb if sys.platform == "darwin" else kb * 1024  # macOS reports bytes, Linux KiB
 
 
 def progress(console):

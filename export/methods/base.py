@@ -108,7 +108,7 @@ class Method:
             raise MethodError(f"method {self.name!r} does not apply to this model: it needs {need}, which this "
                               "vision encoder does not have.", f"Methods that apply to it: {ok}.")
         options = self.parse_options(raw_options)
-        k = self.feasible_k(spec, ratio, options)
+        k = self.feasible_k(spec.per_image, ratio, options) * spec.images  # several images: a static K per image
         return Plan(method=self.name, ratio=ratio, n=spec.num_tokens, k=k, options=options)
 
     def feasible_k(self, spec: VisualSpec, ratio: float, options: dict) -> int:
@@ -131,7 +131,7 @@ class Method:
         """pixel_values [1, 3, H, W] -> (embeds [1, K, D], kept_index [1, K], token_map [1, N]).
 
         Traced into the vision graph; also the project's eager PyTorch path for this method."""
-        return self.compress(adapter.visual_features(model, pixel_values), spec, plan)
+        return compress_images(self, adapter.visual_features(model, pixel_values), spec, plan)
 
     def compress(self, feats: VisualFeatures, spec: VisualSpec, plan: Plan):
         """(embeds [1, K, D], kept_index [1, K] int64, token_map [1, N] int64)."""
@@ -183,6 +183,23 @@ class InLLMMethod(Method):
 
         return selectors.get(self.selector)(hidden, last_attn, image_start, plan.n, plan.k, plan.options,
                                             self.reference_graphs(plan))
+
+
+def compress_images(method: Method, feats: VisualFeatures, spec: VisualSpec, plan: Plan):
+    """`method.compress` on each image's block of visual tokens, joined: (embeds [1, K, D], kept_index [1, K],
+    token_map [1, N]) in token order over all images.
+
+    One image: `compress` as is. B images (tiles + global; feats.embeds [B, n, D]): each is compressed alone
+    to k = K / B with the one-image spec and plan (a static per-image quota, as TensorRT Edge-LLM's DART budgets
+    per image), its kept indices offset by b * n and its token map by b * k."""
+    if spec.images == 1:
+        return method.compress(feats, spec, plan)
+    one, b = spec.per_image, spec.images
+    sub = Plan(method=plan.method, ratio=plan.ratio, n=one.num_tokens, k=plan.k // b, options=plan.options)
+    parts = [method.compress(VisualFeatures(embeds=feats.embeds[i:i + 1]), one, sub) for i in range(b)]
+    kept = [p[1] + i * sub.n for i, p in enumerate(parts)]
+    maps = [torch.where(p[2] >= 0, p[2] + i * sub.k, p[2]) for i, p in enumerate(parts)]
+    return torch.cat([p[0] for p in parts], 1), torch.cat(kept, 1), torch.cat(maps, 1)
 
 
 def token_map_of(index: torch.Tensor, n: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ class FastV(InLLMMethod):
     name = "fastv"
     where = "LLM, before layer K (default 2)"
     selector = "fastv"  # vtc.runtime.selectors: runs select.onnx, reports the kept image tokens
+    requires = frozenset({"one_image_block"})  # the selector ranks one contiguous span of image tokens
     summary = "Keep the image tokens the last prompt token attends to most in layer K-1; layers < K keep the full KV."
     paper = "FastV, arXiv 2403.06764"
     reference = "github.com/pkunlp-icler/FastV @ d165972 (fastv_kvcache.py)"

@@ -29,6 +29,7 @@ class TokenCarve(InLLMMethod):
     name = "tokencarve"
     where = "LLM, at work layer W (default 2)"
     selector = "tokencarve"  # vtc.runtime.selectors: exact float64 IPGS in numpy; trims layers < W too
+    requires = frozenset({"one_image_block"})  # the selector ranks one contiguous span of image tokens
     summary = "Attention + SVD ranks (Borda), keep 1.5T, merge similar down to T; layers < W trimmed too."
     paper = "TokenCarve, arXiv 2503.10501"
     reference = "github.com/ShawnTan86/TokenCarve @ a57bd59 (modeling_llama.py)"

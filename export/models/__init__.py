@@ -15,10 +15,12 @@ from vtc.runtime.errors import ModelError
 # model_type (config.json) -> module under vtc.export.models that defines `ADAPTER`.
 _REGISTRY: dict[str, str] = {
     "llava": "llava",
+    "idefics3": "idefics3",
+    "smolvlm": "smolvlm",
 }
 
 # Shown by `vtc-export list`, and in the error for an unsupported checkpoint.
-PLANNED = {"qwen2_vl": "Qwen2-VL", "idefics3": "Idefics3 / SmolVLM"}
+PLANNED = {"qwen2_vl": "Qwen2-VL"}
 
 
 def supported() -> dict[str, str]:

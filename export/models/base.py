@@ -13,6 +13,7 @@ attention (the reference math).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,18 @@ class VisualSpec:
     # hidden-state indices the projector reads (hidden_states[l] is the output of encoder layer l-1,
     # so l layers run); () = unknown. Methods inside the encoder (ToMe) plan their schedule from it.
     feature_layers: tuple[int, ...] = ()
+    # images through the encoder per prompt (tiles + the global image of a tiling architecture): the N
+    # tokens are `images` equal blocks, each a (rows/images) x cols grid (`grid` stacks them), and each
+    # block stands in its own place in the prompt. Methods compress each block to K/images (`per_image`).
+    images: int = 1
+
+    @property
+    def per_image(self) -> "VisualSpec":
+        """The spec of one image's block (itself when there is one image)."""
+        if self.images == 1:
+            return self
+        return dataclasses.replace(self, num_tokens=self.num_tokens // self.images,
+                                   grid=(self.grid[0] // self.images, self.grid[1]), images=1)
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -44,6 +57,8 @@ class VisualSpec:
             caps.add("cls_token")
         if len(self.feature_layers) == 1:
             caps.add("single_feature_layer")
+        if self.images == 1:
+            caps.add("one_image_block")
         return frozenset(caps)
 
 
@@ -52,6 +67,7 @@ CAPABILITIES = {
     "patch_grid": "visual tokens on a row-major patch grid",
     "cls_token": "a vision [CLS] token whose attention ranks the patches",
     "single_feature_layer": "visual tokens from exactly one encoder layer",
+    "one_image_block": "the visual tokens as one contiguous block of the prompt (one image, not tiles)",
 }
 
 
@@ -150,6 +166,38 @@ class Adapter:
     tokenizer_as_is: bool = False
     rope: str = "1d"  # the LLM's position scheme (vtc.runtime.positions); recorded in the manifest
 
+    # -- the static image layout and the files the runtime reads ------------------------------------
+    def with_image_splits(self, splits: tuple[int, ...] | None):
+        """This adapter at the build's static image layout (`--image-splits`); None = the architecture's
+        default. Architectures that see one fixed-size image refuse a layout."""
+        if splits is None:
+            return self
+        from vtc.runtime.errors import UsageError
+
+        raise UsageError(f"--image-splits does not apply to {self.model_type}: it sees each image once, at a "
+                         "fixed size.", "Drop --image-splits (it is for architectures that tile images).")
+
+    def preprocessor(self, checkpoint_dir: Path):
+        """The runtime's image preprocessing for this checkpoint (written to the manifest)."""
+        from vtc.runtime.preprocess import ImagePreprocessor
+
+        return ImagePreprocessor.from_dir(checkpoint_dir)
+
+    def image_prompt(self, checkpoint_dir: Path) -> str | None:
+        """The text that stands for one image in a prompt, with one image token per block of visual tokens
+        (manifest `text.image_prompt`); None = the image token itself."""
+        return None
+
+    def merge_embeds(self, model, table: torch.Tensor, before: list[int], image_embeds: torch.Tensor,
+                     after: list[int]) -> torch.Tensor:
+        """[1, S, D]: the prompt's embeddings with the visual tokens [1, K, D] where the image goes."""
+        return torch.cat([table[before][None], image_embeds, table[after][None]], dim=1)
+
+    def pixel_shape(self, model) -> tuple[int, int, int, int]:
+        """The vision graph's pixel_values shape: [images, 3, H, W]."""
+        side = self.image_size(model)
+        return (1, 3, side, side)
+
     # -- loading and shapes ----------------------------------------------------------------------
     def load(self, checkpoint_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
         """The model with its weights in `dtype` (the build's --dtype; the reference loads float32)."""
@@ -171,6 +219,19 @@ class Adapter:
     def static_cache_lm(self, model, layers: tuple[int, int] | None = None, kv=None):
         """The LLM (or the segment over `layers`) over a runtime-owned cache: vtc.export.llm.StaticCacheLM."""
         raise NotImplementedError
+
+    def keep_lm_layers(self, model, keep: list[int]) -> None:
+        """Cut the language model to the decoder layers `keep`, in order, in place (the build's parity probe
+        of a model too large to check whole; vtc.export.build.probe_layers). HF's generate and the static-cache
+        export then see a `len(keep)`-layer model: the config and each attention's cache index follow."""
+        decoder = self.static_cache_lm(model).decoder
+        decoder.layers = nn.ModuleList([decoder.layers[i] for i in keep])
+        for j, layer in enumerate(decoder.layers):
+            layer.self_attn.layer_idx = j
+        for cfg in {id(c): c for c in (decoder.config, model.config.get_text_config())}.values():
+            if getattr(cfg, "layer_types", None):
+                cfg.layer_types = [cfg.layer_types[i] for i in keep]
+            cfg.num_hidden_layers = len(keep)
 
     def embed_table(self, model) -> torch.Tensor:
         """[V, D]: the runtime gathers text embeddings from this table."""

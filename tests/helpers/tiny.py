@@ -42,3 +42,27 @@ def write_siglip_llava(path):
     save_word_level_tokenizer(path, list(DEFAULT_WORDS), LLAVA15_CHAT_TEMPLATE)
     CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(path)
     return path
+
+
+# Idefics3 / SmolVLM (SigLIP without [CLS], pixel-shuffle connector, Llama LM): tests/test_smolvlm.py writes them
+# with vtc.export.random_idefics3 (every matrix normal(0, 0.2), so greedy tokens depend on the image). Tiles of
+# 64 / 56 px, 8 x 8 patches shuffled 2 x 2 -> 16 tokens per image; the processor's size is 2 tiles a side.
+def _idefics3_specs():
+    from vtc.export.random_idefics3 import RandomIdefics3Spec
+
+    return {
+        "smolvlm-gqa": (RandomIdefics3Spec(arch="smolvlm"), 11),
+        "idefics3-mqa": (RandomIdefics3Spec(arch="idefics3", image_size=56, patch_size=7, heads=4, kv_heads=1,
+                                            hidden=48, intermediate=96, longest_edge=112), 12),
+    }
+
+
+TINY_IDEFICS3 = _idefics3_specs()
+
+
+def write_tiny_idefics3(root, name: str):
+    """Write TINY_IDEFICS3[name] under `root`; returns the checkpoint directory."""
+    from vtc.export.random_idefics3 import write_random_idefics3
+
+    spec, seed = TINY_IDEFICS3[name]
+    return write_random_idefics3(root / name, spec, seed)

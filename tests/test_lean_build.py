@@ -1,0 +1,105 @@
+"""The memory-lean build (issue 13): what lets a 7B model be exported and checked on a 24 GB host.
+
+- `float32_compute`: HF's float32 math on fp16 weights without a float32 copy of the model; it must equal
+  HF on a float32 model holding the same (fp16-rounded) weights, and leave the stored weights untouched.
+- The parity probe: when the whole LLM graph cannot run on the build host, the build checks the first and
+  last layers (in-LLM methods: the layers before the work layer, and the last) through the same export
+  path, says so in the manifest, and `vtc-export verify` then checks the whole artifact.
+The lean path normally starts above 1 GiB of float32 weights; these tests lower the thresholds on tiny models.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.helpers.builds import nullstep
+from vtc.export import build as build_mod
+from vtc.export.build import BuildArgs, build
+from vtc.export.reference import float32_compute, reference_generate
+from vtc.runtime import load_manifest
+
+
+def _reference(adapter, model, tokens=6):
+    from vtc.export import methods
+
+    spec = adapter.visual_spec(model)
+    none = methods.get(methods.NONE)
+    size = adapter.image_size(model)
+    pixels = torch.linspace(-1, 1, 3 * size * size).reshape(1, 3, size, size).to(next(model.parameters()).dtype)
+    return reference_generate(adapter, model, none, none.plan(spec, 1.0, {}), spec, pixels, [1, 5, 7], [9, 11],
+                              tokens)
+
+
+def test_float32_compute_is_hf_float32_on_the_same_weights(tiny_checkpoints):
+    from vtc.export import models
+
+    src = tiny_checkpoints["gqa-full"]
+    adapter = models.resolve(src)
+    half = adapter.load(src, torch.float16)
+    full = copy.deepcopy(half).float()  # float32 model, same fp16-rounded weights
+    before = {n: (p.dtype, p.data_ptr()) for n, p in half.named_parameters()}
+    with float32_compute(half):
+        got = _reference(adapter, half)
+    want = _reference(adapter, full)
+    assert got.tokens == want.tokens
+    for a, b in zip(got.step_logits, want.step_logits):
+        assert a.dtype == torch.float32 and torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+    assert {n: (p.dtype, p.data_ptr()) for n, p in half.named_parameters()} == before  # weights untouched
+    plain = _reference(adapter, half)  # hooks removed: fp16 compute again, which differs from float32
+    assert plain.step_logits[0].dtype == torch.float32
+    assert not torch.equal(plain.step_logits[0], want.step_logits[0])
+
+
+def _lean_build(monkeypatch, src, out, method="none", ratio=None, available=0, **kw):
+    """Build with the lean path forced, and `available` bytes of host memory as the probe decision sees it."""
+    monkeypatch.setattr(build_mod, "LEAN_ABOVE_BYTES", 0)
+    monkeypatch.setattr(build_mod, "_available_bytes", lambda: available)
+    labels = []
+
+    def step(label):
+        labels.append(label)
+        return nullstep(label)
+
+    args = BuildArgs(model=str(src), method=method, ratio=ratio, output=str(out), max_seq_len=256, text_budget=48,
+                     dtype="fp16", **kw)
+    return build(args, step), labels
+
+
+@pytest.mark.parametrize("method,ratio,probed", [("none", None, [0, 2]), ("fastv", 0.25, None)])
+def test_probe_checks_first_and_last_layers_and_verify_checks_all(method, ratio, probed, monkeypatch, tmp_path,
+                                                                   tiny_checkpoints):
+    from vtc.export.verify import verify
+
+    src = tiny_checkpoints["mqa-layer-1"]  # 3 LLM layers
+    built, labels = _lean_build(monkeypatch, src, tmp_path / "a", method, ratio)
+    m = load_manifest(built.path)
+    p = m.parity
+    assert p["ok"] and "float32 compute" in p["reference"]
+    if probed is None:  # fastv works at layer 2 of 3: the probe (layers 0, 1 and 2) is the whole LLM
+        probed = [0, 1, 2]
+        assert p["scope"] == {"vision": "full", "llm": "full"}
+    else:
+        assert p["scope"]["llm_layers_checked"] == probed and "verify" in p["scope"]["llm"]
+        assert any("parity probe" in label for label in labels)
+    assert not list(built.path.glob("probe_*")) and not any(f.startswith("probe_") for f in m.files)
+    assert m.lm.num_layers == 3 and sum(n.startswith("past_key.") for g in m.graphs.values()
+                                        for n in (t.name for t in g.inputs)) == 3  # the artifact is whole
+    report = verify(built.path, tokens=4)  # the full check, float32 PyTorch, every layer
+    assert report["ok"], report
+
+
+def test_probe_of_an_in_llm_method_keeps_the_layers_before_the_work_layer(monkeypatch, tiny_checkpoints):
+    from vtc.export import models
+    from vtc.export.build import prepare
+
+    monkeypatch.setattr(build_mod, "_available_bytes", lambda: 0)
+    args = BuildArgs(model=str(tiny_checkpoints["mqa-layer-1"]), method="fastv", ratio=0.25,
+                     method_options={"layer": "1"}, dtype="fp16")
+    bp = prepare(args, nullstep, check_output=False)
+    assert build_mod.probe_layers(bp) == [0, 2]  # layer 0 before the work layer 1, then the last
+    assert build_mod.probe_layers(bp, available=1 << 40) is None  # it fits: the whole LLM is checked
+    bp.adapter.keep_lm_layers(bp.model, [0, 2])
+    assert models.resolve(tiny_checkpoints["mqa-layer-1"]).lm_spec(bp.model).num_layers == 2
