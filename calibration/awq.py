@@ -48,6 +48,10 @@ N_GRID = 20  # llm-awq's grid: alpha = 0, 0.05, ..., 0.95
 N_SHRINK = 10  # llm-awq auto_clip: max_shrink 0.5 on a grid of 20 -> m * (1 - i/20), i < 10
 CLIP_TOKENS = 512  # llm-awq n_sample_token
 CLIP_SKIP = ("q_proj", "k_proj")
+# Calibration tokens are capped so that the widest linear input over all of them (down_proj's, [T, I]
+# float32) stays under this: the memory of one layer's search is a few times it (7B: I = 11008 -> ~6000
+# tokens, ~10 pairs of 600; the demo model: every pair). Whole pairs are kept, at least one.
+FEATURE_BYTES = 256 << 20
 
 
 @torch.no_grad()
@@ -317,6 +321,18 @@ def pair_embeds(bp, pairs: list) -> list:
     return out
 
 
+def within_budget(embeds: list, decoder) -> list:
+    """The first pairs whose tokens fit FEATURE_BYTES at the decoder's widest linear input (at least one)."""
+    widest = max(m.in_features for m in decoder.layers[0].modules() if isinstance(m, torch.nn.Linear))
+    budget, kept, tokens = FEATURE_BYTES // (4 * widest), [], 0
+    for e in embeds:
+        if kept and tokens + e.shape[1] > budget:
+            break
+        kept.append(e)
+        tokens += e.shape[1]
+    return kept
+
+
 def apply_to_build(bp, step) -> dict:
     """`build --weights int4 --weights-algo awq`: search and fold the scales into bp.model (before export)."""
     import tempfile
@@ -326,7 +342,7 @@ def apply_to_build(bp, step) -> dict:
     with tempfile.TemporaryDirectory(prefix="vtc-awq-") as scratch:
         pairs, name = calibration_pairs(bp, scratch)
         with step(f"AWQ: embedding {len(pairs)} calibration pairs ({name})"):
-            embeds = pair_embeds(bp, pairs)
+            embeds = within_budget(pair_embeds(bp, pairs), decoder)
     with step(f"AWQ: searching int4 scales and clipping (group {group}) layer by layer over {len(decoder.layers)} layers"):
         summary, clips = apply(decoder, embeds, group)
     summary["set"] = name

@@ -54,8 +54,14 @@ def float32_compute(model):
         for p, data in saved[id(module)].pop():
             p.data = data
 
+    # HF models cast inputs to `self.dtype` (the first parameter's: fp16 here), e.g. SmolVLM's image features
+    # before masked_scatter into float32 text embeddings; while computing in float32 they report float32.
+    classes = {type(m) for m in model.modules() if isinstance(getattr(type(m), "dtype", None), property)}
+    own = {c: c.__dict__["dtype"] for c in classes if "dtype" in c.__dict__}
     handles = []
     try:
+        for c in classes:
+            c.dtype = property(lambda self: torch.float32)
         for m in model.modules():
             if next(m.parameters(recurse=False), None) is not None:
                 handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
@@ -64,6 +70,11 @@ def float32_compute(model):
     finally:
         for h in handles:
             h.remove()
+        for c in classes:
+            if c in own:
+                c.dtype = own[c]
+            else:
+                del c.dtype
 
 
 def reference_visual(adapter, model, method, plan: Plan, spec, pixel_values: torch.Tensor):
@@ -109,9 +120,33 @@ def reference_generate(adapter, model, method, plan: Plan, spec, pixel_values: t
         table = adapter.embed_table(model)
         embeds = adapter.merge_embeds(model, table, before, image_embeds, after)  # tiles: per-tile text between
         mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-        tokens, logits = _greedy(model, max_new_tokens, inputs_embeds=embeds, attention_mask=mask)
+        if adapter.rope == "1d":
+            tokens, logits = _greedy(model, max_new_tokens, inputs_embeds=embeds, attention_mask=mask)
+        else:  # multimodal positions: the kept tokens' original ones (adapter.prompt_positions)
+            positions = adapter.prompt_positions(model, before, kept[0].tolist(), after)
+            tokens, logits = _greedy_at_positions(model, table, embeds, positions, max_new_tokens)
     return Reference(tokens=tokens, step_logits=logits, image_embeds=image_embeds, kept_index=kept[0].tolist(),
                      token_map=token_map[0].tolist())
+
+
+def _greedy_at_positions(model, table, embeds, positions, max_new_tokens: int) -> tuple[list[int], list]:
+    """HF's own forward, greedy, fed inputs_embeds [1, S, D] at explicit positions ([3, 1, S] for M-RoPE) over
+    its DynamicCache; decode continues at the largest position + 1 (HF's rope_deltas rule), one per step."""
+    from transformers import DynamicCache
+
+    cache, tokens, step_logits = DynamicCache(config=model.config), [], []
+    nxt = int(positions.max()) + 1
+    with torch.no_grad():
+        out = model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True)
+        for step in range(max_new_tokens):
+            step_logits.append(out.logits[0, -1].float())
+            tokens.append(int(torch.argmax(step_logits[-1])))
+            if step + 1 == max_new_tokens:
+                break
+            pos = torch.full((positions.shape[0], 1, 1), nxt + step) if positions.dim() == 3 else torch.tensor([[nxt + step]])
+            out = model(inputs_embeds=table[tokens[-1]][None, None], position_ids=pos, past_key_values=cache,
+                        use_cache=True)
+    return tokens, step_logits
 
 
 def _flat(kv: list) -> tuple:
@@ -152,9 +187,9 @@ def eager_generate(adapter, model, method, plan: Plan, pixel_values, before, aft
     segs = [adapter.static_cache_lm(model, (0, w))] + ([adapter.static_cache_lm(model, (w, n_layers))] if w < n_layers else [])
     kv_shape = (1, adapter.lm_spec(model).num_kv_heads, 0, segs[0].head_dim)
     kv = [[torch.zeros(kv_shape), torch.zeros(kv_shape)] for _ in range(n_layers)]
-    seq = embeds.shape[1]
     with torch.no_grad():
-        hidden, positions, logits = embeds, adapter.position_ids(seq), None
+        hidden, logits = embeds, None
+        positions = adapter.prompt_positions(model, before, torch.as_tensor(kept)[0].tolist(), after)  # [1|3, .., S]
         for seg in segs:
             outs = seg(hidden, positions, torch.zeros(seg.num_layers, dtype=torch.int64),
                        torch.tensor([hidden.shape[1] - 1]) if seg.has_head else None,
@@ -167,9 +202,9 @@ def eager_generate(adapter, model, method, plan: Plan, pixel_values, before, aft
             hidden, keep, kept, token_map = _select(method, plan, outs[0], outs[1], len(before))
             if method.trims_pre_kv:
                 kv[:w] = [[k[:, :, keep], v[:, :, keep]] for k, v in kv[:w]]
-            positions = keep[None]
+            positions = positions[..., keep]  # the kept tokens' original positions
             kept, token_map = torch.tensor([kept]), torch.tensor([token_map])
-        tokens, step_logits = _eager_decode(segs, kv, table, logits[0], seq, max_new_tokens)
+        tokens, step_logits = _eager_decode(segs, kv, table, logits[0], int(positions.max()) + 1, max_new_tokens)
     ref = Reference(tokens=tokens, step_logits=step_logits, image_embeds=image_embeds,
                     kept_index=torch.as_tensor(kept)[0].tolist(), token_map=torch.as_tensor(token_map)[0].tolist())
     return ref, kv

@@ -22,6 +22,7 @@ def verify(artifact_dir: Path, tokens: int = 32, model_dir: str | None = None, s
     if not src.is_dir():
         raise ModelError(f"the source checkpoint {src} recorded in the manifest is not there.",
                          "Pass --model DIR with the checkpoint the artifact was built from.")
+    _check_memory(src)
     with step("loading the source checkpoint in PyTorch"):
         adapter = models.resolve(src).with_image_splits(m.build_args.get("image_splits"))  # the built image layout
         model = adapter.load(src)
@@ -35,3 +36,36 @@ def verify(artifact_dir: Path, tokens: int = 32, model_dir: str | None = None, s
     with step(f"comparing graphs and {tokens} greedy tokens against PyTorch"):
         vlm = VLM(artifact_dir, check_files=False)
         return parity.check(artifact_dir, adapter, model, method, plan, spec, max_new_tokens=tokens, vlm=vlm)
+
+
+# verify holds the float32 PyTorch model (4 bytes per parameter) and ONNX Runtime's float32 sessions (~5 bytes
+# per parameter of the LLM; vtc.export.build.ORT_BYTES_PER_PARAM) at once.
+VERIFY_BYTES_PER_PARAM = 9
+
+
+def _check_memory(src: Path) -> None:
+    """Refuse, before loading anything, a full check this host cannot hold (a 7B model needs ~63 GB): the
+    build's parity probe (manifest `parity.scope`) is what was checked there."""
+    import json
+
+    from vtc.export.build import _available_bytes
+    from vtc.export.models.base import check_weights
+
+    check_weights(src)
+    params = 0
+    for f in sorted(src.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for name, t in header.items():
+            if name != "__metadata__":
+                n = 1
+                for d in t["shape"]:
+                    n *= d
+                params += n
+    need, have = params * VERIFY_BYTES_PER_PARAM, _available_bytes()
+    if need > have:
+        raise ModelError(f"verifying against float32 PyTorch needs about {need / 2**30:.1f} GiB for this model's "
+                         f"{params / 1e9:.2f} B parameters; this host has {have / 2**30:.1f} GiB available.",
+                         "Run `vtc-export verify` on a host with that much memory; the build's own check (its "
+                         "scope is in the manifest's parity.scope, `vtc-export inspect`) passed on this one.")
+

@@ -52,10 +52,11 @@ class LanguageModel:
             if missing:
                 raise ArtifactError(f"this {self.c.method} artifact has no {', '.join(missing)} graph.", "Rebuild the artifact.")
             self.selector_graphs = {g: sessions[g] for g in self.selector.graphs}
-        self.prefill_positions = positions.get(m.lm.rope)  # prompt length -> position_ids
+        self.prefill_positions = positions.get(m.lm.rope)  # prompt layout -> position_ids ([1, S] or [3, 1, S])
         d = m.lm.hidden_size
         # Decode feeds: persistent arrays (bound once by the backend), views of the cache for the past.
-        self._step = [self._feeds(seg, np.zeros((1, 1, d), _hidden_dtype(seg.session)), np.zeros((1, 1), np.int64), decode=True)
+        step_pos = self.prefill_positions.decode_shape
+        self._step = [self._feeds(seg, np.zeros((1, 1, d), _hidden_dtype(seg.session)), np.zeros(step_pos, np.int64), decode=True)
                       for seg in self.segments]
         self._step_capacity = self.cache.capacity  # the cache bucket the decode views belong to
         self.position = 0
@@ -74,30 +75,34 @@ class LanguageModel:
             feeds["logits_index"] = np.zeros(1, np.int64) if logits_index is None else logits_index
         return feeds
 
-    def prefill(self, embeds: np.ndarray, image_start: int) -> np.ndarray:
-        """embeds [1, T, D] -> last-position logits [V]; fills the cache (pruning in between if any)."""
+    def prefill(self, embeds: np.ndarray, image_start: int, kept=None) -> np.ndarray:
+        """embeds [1, T, D] -> last-position logits [V]; fills the cache (pruning in between if any). `kept` [K]:
+        the grid index of each visual token (the vision graph's kept_index; None = all, in order), which
+        multimodal positions need (vtc.runtime.positions)."""
         self.cache.reset()
         self.last_pruned = None
         seq = embeds.shape[1]
-        hidden, pos = embeds, self.prefill_positions(seq)
+        if kept is None:
+            kept = np.arange(self.c.n_visual if self.c.stage == "llm" else self.c.k_visual)
+        hidden, pos = embeds, self.prefill_positions(seq, image_start, kept, self.c.grid)
+        self.position = int(pos.max()) + 1  # decode continues after the largest position
         for seg in self.segments:
             last = np.array([hidden.shape[1] - 1], np.int64)
             outs = seg.session.run(self._feeds(seg, hidden, pos, decode=False, logits_index=last))
             if seg.has_head:
                 self.cache.write(outs[1:], first=seg.first)
-                self.position = seq
                 return outs[0][0]
             hidden, last_attn = outs[0], outs[1]
             self.cache.write(outs[2:], first=seg.first)
-            hidden, pos = self._prune(hidden, last_attn, image_start, seg)
+            hidden, pos = self._prune(hidden, last_attn, image_start, seg, pos)
         raise ArtifactError("the LLM segments end without an LM head.", "Rebuild the artifact.")
 
-    def _prune(self, hidden, last_attn, image_start: int, seg: Segment):
-        """In-LLM selection between segments: (hidden [1, S', D], positions [1, S'] original)."""
+    def _prune(self, hidden, last_attn, image_start: int, seg: Segment, pos: np.ndarray):
+        """In-LLM selection between segments: (hidden [1, S', D], the kept tokens' original positions pos[..., keep])."""
         t0 = time.perf_counter()
         hidden, keep = self._select(hidden, last_attn, image_start, seg)
         self.last_select_ms = (time.perf_counter() - t0) * 1e3
-        return hidden, keep
+        return hidden, np.ascontiguousarray(pos[..., keep[0]])
 
     def _select(self, hidden, last_attn, image_start: int, seg: Segment):
         sel = self.selector(hidden[0], last_attn[0], image_start, self.c.n_visual, self.c.k_visual, self.c.options,
@@ -118,7 +123,7 @@ class LanguageModel:
         for seg, feeds in zip(self.segments, self._step):
             key = "inputs_embeds" if seg.first == 0 else "hidden_states"
             feeds[key][0, 0] = hidden.reshape(-1)
-            feeds["position_ids"][0, 0] = self.position
+            feeds["position_ids"][...] = self.position  # [1, 1] or [3, 1, 1]
             outs = seg.session.run(feeds)
             self.cache.write(outs[1:] if seg.has_head else outs[2:], first=seg.first)
             if seg.has_head:

@@ -148,10 +148,12 @@ class VLM:
         if self.vision is None:
             raise InputError("the vision graph is not open.", "Call VLM.open() (or open(['vision'])) first.")
         embeds, kept, token_map = self.vision.run({"pixel_values": pixel_values.astype(self._pixel_dtype, copy=False)})
+        self.last_kept = kept[0]  # the positions of these tokens, for a prefill not given `kept`
         return embeds, kept, token_map
 
-    def prefill(self, prompt: Prompt, image_embeds: np.ndarray) -> np.ndarray:
-        """Run the whole prompt once; fills the cache; returns last-position logits [V]."""
+    def prefill(self, prompt: Prompt, image_embeds: np.ndarray, kept: np.ndarray | None = None) -> np.ndarray:
+        """Run the whole prompt once; fills the cache; returns last-position logits [V]. `kept` [K]: the vision
+        graph's kept_index of `image_embeds` (multimodal positions need it; default: the last `encode_image`'s)."""
         if self.lm is None:
             raise InputError("the language model's graphs are not open.", "Call VLM.open() first.")
         table = self.embed
@@ -163,7 +165,8 @@ class VLM:
         if embeds.shape[1] > self.cache.max_len:
             raise InputError(f"the prompt needs {embeds.shape[1]} cache positions; the cache has {self.cache.max_len}.",
                              "Rebuild with a larger --max-seq-len.")
-        return self.lm.prefill(embeds, image_start=len(prompt.before))
+        kept = getattr(self, "last_kept", None) if kept is None else kept
+        return self.lm.prefill(embeds, image_start=len(prompt.before), kept=kept)
 
     def decode_step(self, token: int) -> np.ndarray:
         """Feed one token at the next position; returns its logits [V]."""
@@ -201,7 +204,7 @@ class VLM:
         sampler = Sampler(sampling)
         image_embeds, kept, token_map = encoded if encoded is not None else self.encode_image(pixel_values)
         t1 = time.perf_counter()
-        logits = self.prefill(prompt, image_embeds)
+        logits = self.prefill(prompt, image_embeds, kept[0])
         t_prefill = time.perf_counter()
         token = sampler(logits)
         t2 = time.perf_counter()

@@ -28,6 +28,11 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SUPPORTED_TYPES = {"CLIPImageProcessor": False, "LlavaImageProcessor": True}
 # Idefics3 / SmolVLM: resize, then a static tile layout + global image (TiledPreprocessor, below).
 TILED_TYPES = ("Idefics3ImageProcessor", "SmolVLMImageProcessor")
+# Qwen2-VL / Qwen2.5-VL: HF resizes each image to its own multiple of 28 (smart_resize); vtc resizes every image to
+# the build's static size (`build --image-size H W`, default below) and cuts the patches inside the vision graph.
+PATCH_TYPES = ("Qwen2VLImageProcessor",)
+STATIC_IMAGE_SIZE = (448, 448)  # (H, W) when the build names none: 16 x 16 merged tokens = 256 visual tokens
+SUPPORTED_TYPES["Qwen2VLImageProcessor"] = False
 RESAMPLE_FILTERS = {0, 1, 2, 3, 4, 5}  # PIL: NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
 # Input bounds, checked on the header (before any decode) and again before every pad/resize/crop, so an
 # image's memory cost is bounded whatever its file size: a 168-byte 30000x1 PNG would otherwise be padded
@@ -196,6 +201,15 @@ def _check_unsupported(cfg: dict, base: str) -> None:
         raise ModelError("preprocessor_config.json: input_data_format is not supported.", "Remove it.")
 
 
+def _static_size(cfg: dict) -> dict:
+    """A Qwen2-VL processor config at a static size: its own {height, width} (an artifact's normalised form), or
+    STATIC_IMAGE_SIZE for a checkpoint's dynamic {shortest_edge, longest_edge} / min_pixels, max_pixels; no crop."""
+    size = cfg.get("size")
+    static = isinstance(size, dict) and set(size) == {"height", "width"}
+    hw = (size["height"], size["width"]) if static else STATIC_IMAGE_SIZE
+    return {**cfg, "size": {"height": hw[0], "width": hw[1]}, "do_center_crop": False}
+
+
 def _pick(cfg: dict, key: str, default: Any) -> Any:
     """A config value, or the class default when absent or null (``BaseImageProcessor._set_attributes``)."""
     value = cfg.get(key)
@@ -286,6 +300,8 @@ class ImagePreprocessor:
 
             return TiledPreprocessor.from_processor_config(cfg, base)
         _check_unsupported(cfg, base)
+        if base in PATCH_TYPES:
+            cfg = _static_size(cfg)
         size = _size_dict(_pick(cfg, "size", {"shortest_edge": 224}), bool(_pick(cfg, "default_to_square", False)),
                           "size")
         crop = _size_dict(_pick(cfg, "crop_size", {"height": 224, "width": 224}), True, "crop_size")

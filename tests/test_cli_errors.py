@@ -77,10 +77,10 @@ def _bad_dirs(tmp_path: Path) -> dict[str, Path]:
     no_config = tmp_path / "no-config"
     no_config.mkdir()
     (no_config / "model.safetensors").write_bytes(b"")
-    qwen = tmp_path / "qwen2-vl"
+    qwen = tmp_path / "paligemma"  # an unsupported VLM (Qwen2-VL is supported since issue 16)
     qwen.mkdir()
     (qwen / "config.json").write_text(json.dumps(
-        {"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"], "vision_config": {}}))
+        {"model_type": "paligemma", "architectures": ["PaliGemmaForConditionalGeneration"], "vision_config": {}}))
     return {"text_only": text_only, "no_config": no_config, "qwen": qwen}
 
 
@@ -88,7 +88,7 @@ def _bad_dirs(tmp_path: Path) -> dict[str, Path]:
     ("missing", ("does not exist", "--model")),
     ("text_only", ("not a vision-language checkpoint", "llava")),
     ("no_config", ("config.json",)),
-    ("qwen", ("unsupported architecture", "qwen2_vl", "Supported: llava")),
+    ("qwen", ("unsupported architecture", "paligemma", "Supported: llava")),
 ])
 def test_build_bad_model_dir(capsys, tmp_path, case, contains):
     model = tmp_path / "does-not-exist" if case == "missing" else _bad_dirs(tmp_path)[case]

@@ -48,6 +48,7 @@ def test_float32_compute_is_hf_float32_on_the_same_weights(tiny_checkpoints):
     for a, b in zip(got.step_logits, want.step_logits):
         assert a.dtype == torch.float32 and torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
     assert {n: (p.dtype, p.data_ptr()) for n, p in half.named_parameters()} == before  # weights untouched
+    assert half.dtype == torch.float16
     plain = _reference(adapter, half)  # hooks removed: fp16 compute again, which differs from float32
     assert plain.step_logits[0].dtype == torch.float32
     assert not torch.equal(plain.step_logits[0], want.step_logits[0])
@@ -103,3 +104,33 @@ def test_probe_of_an_in_llm_method_keeps_the_layers_before_the_work_layer(monkey
     assert build_mod.probe_layers(bp, available=1 << 40) is None  # it fits: the whole LLM is checked
     bp.adapter.keep_lm_layers(bp.model, [0, 2])
     assert models.resolve(tiny_checkpoints["mqa-layer-1"]).lm_spec(bp.model).num_layers == 2
+
+
+def test_lean_build_of_an_architecture_that_casts_to_its_own_dtype(monkeypatch, tmp_path):
+    """SmolVLM casts image features to `self.dtype` before merging them into the text embeddings: under
+    float32_compute the model reports float32, and after it float16 again."""
+    from tests.helpers.tiny import TINY_IDEFICS3, write_tiny_idefics3
+
+    name = next(n for n in TINY_IDEFICS3 if n.startswith("smolvlm"))
+    src = write_tiny_idefics3(tmp_path, name)
+    built, _ = _lean_build(monkeypatch, src, tmp_path / "a", available=1 << 40)
+    assert built.manifest.parity["ok"] and built.manifest.parity["scope"]["llm"] == "full"
+    from vtc.export import models
+
+    adapter = models.resolve(src)
+    model = adapter.load(src, torch.float16)
+    with float32_compute(model):
+        assert model.dtype == torch.float32
+    assert model.dtype == torch.float16
+
+
+def test_verify_refuses_a_full_check_this_host_cannot_hold(monkeypatch, artifact_factory):
+    """Before loading anything: a 7B model would need ~63 GB (float32 PyTorch + ONNX Runtime's float32 sessions)."""
+    from vtc.export.verify import verify
+    from vtc.runtime.errors import ModelError
+
+    art = artifact_factory("mha-default", "none", None)
+    monkeypatch.setattr(build_mod, "_available_bytes", lambda: 1 << 20)
+    with pytest.raises(ModelError, match="needs about .* GiB") as e:
+        verify(art, tokens=2)
+    assert "parity.scope" in e.value.fix

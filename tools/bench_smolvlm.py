@@ -52,28 +52,18 @@ def checkpoint(root: Path) -> Path:
     return ckpt
 
 
-# The build's parity check is memory-lean only above a 1 GiB float32 copy (vtc.export.build.LEAN_ABOVE_BYTES); the
-# 256M model (1.02e9 bytes in float32) is just under it, so a plain build holds the fp16 model, a float32 reference
-# copy and ONNX Runtime's float32 sessions at once (measured: 4.17 GB peak for 2 x 2 tiles). `--lean-parity`
-# (default) runs the same build with the threshold at 0: the documented memory-lean path (reference in the build
-# dtype, model freed before the runtime opens).
-LEAN = ("import sys, vtc.export.build as b; b.LEAN_ABOVE_BYTES = 0; from vtc.export.cli import main; "
-        "sys.exit(main(sys.argv[1:]))")
-
-
-def bench_one(ckpt: Path, root: Path, method: str, ratio: float, splits: list[int], threads: int,
-              lean: bool = True) -> dict:
+def bench_one(ckpt: Path, root: Path, method: str, ratio: float, splits: list[int], threads: int) -> dict:
     from vtc.runtime import load_manifest
 
     weights = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     tag = f"{method if ratio < 1 else 'none'}-r{ratio:g}-s{'x'.join(map(str, splits))}"
     art = root / f"artifact-{tag}"
     vtc = str(Path(sys.executable).with_name("vtc-export"))
-    build = [sys.executable, "-c", LEAN] if lean else [vtc]
+    build = [vtc]  # the 256M model is over build.LEAN_ABOVE_BYTES: the memory-lean path
     rc, wall, rss, tail = _timed([*build, "build", "--model", str(ckpt), "--dtype", "fp16", "--method", method,
                                   "--ratio", str(ratio), "--image-splits", *map(str, splits), "--output", str(art),
                                   "--force", "--max-seq-len", "2048", "--text-budget", "64"], root / f"build-{tag}.log")
-    out = {"variant": tag, "lean_parity": lean, "checkpoint_weight_bytes": weights, "build_exit": rc, "build_wall_s": round(wall, 1),
+    out = {"variant": tag, "checkpoint_weight_bytes": weights, "build_exit": rc, "build_wall_s": round(wall, 1),
            "build_peak_rss_bytes": rss, "rule_bytes": int(RULE[0] * weights + RULE[1])}
     if rc != 0:
         return {**out, "build_error": tail}
@@ -97,8 +87,6 @@ def main(argv=None) -> int:
     p.add_argument("--ratios", default="1.0,0.25")
     p.add_argument("--image-splits", type=int, nargs="+", default=[2, 2], metavar="R C")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-lean-parity", dest="lean", action="store_false",
-                   help="plain `vtc-export build` (its parity holds float32 and fp16 copies at this size)")
     args = p.parse_args(argv)
     try:
         ratios = [float(r) for r in args.ratios.split(",")]
@@ -111,13 +99,13 @@ def main(argv=None) -> int:
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint(root)
-    results = [bench_one(ckpt, root, args.method, r, args.image_splits, args.threads, args.lean) for r in ratios]
+    results = [bench_one(ckpt, root, args.method, r, args.image_splits, args.threads) for r in ratios]
     (root / "bench-smolvlm.json").write_text(json.dumps(results, indent=2) + "\n")
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     for r in results:
         met = "met" if 0 < r["build_peak_rss_bytes"] <= r["rule_bytes"] else "NOT met"
         print(f"SmolVLM-256M geometry, {r['variant']}: weights {gib(r['checkpoint_weight_bytes'])}; build exit "
-              f"{r['build_exit']}{' (memory-lean parity)' if r['lean_parity'] else ''}, {r['build_wall_s']} s, peak RSS {gib(r['build_peak_rss_bytes'])} (rule "
+              f"{r['build_exit']}, {r['build_wall_s']} s, peak RSS {gib(r['build_peak_rss_bytes'])} (rule "
               f"{gib(r['rule_bytes'])}: {met})")
         if "ttft_ms_p50" in r:
             print(f"  {r['k_visual']} of {r['n_visual']} visual tokens, {r['prompt_tokens']} prompt tokens; TTFT p50 "

@@ -17,10 +17,12 @@ _REGISTRY: dict[str, str] = {
     "llava": "llava",
     "idefics3": "idefics3",
     "smolvlm": "smolvlm",
+    "qwen2_5_vl": "qwen2_5_vl",
+    "qwen2_vl": "qwen2_vl",
 }
 
 # Shown by `vtc-export list`, and in the error for an unsupported checkpoint.
-PLANNED = {"qwen2_vl": "Qwen2-VL"}
+PLANNED: dict[str, str] = {}
 
 
 def supported() -> dict[str, str]:
@@ -80,4 +82,4 @@ def resolve(checkpoint_dir: Path):
         raise ModelError(f"{checkpoint_dir} is not a vision-language checkpoint (model_type={model_type!r}, "
                          "no vision_config).", f"vtc exports VLMs; supported architectures: {listed}.")
     raise ModelError(f"unsupported architecture model_type={model_type!r} in {checkpoint_dir}/config.json.",
-                     f"Supported: {listed}. Planned: {', '.join(PLANNED.values())}.")
+                     f"Supported: {listed}." + (f" Planned: {', '.join(PLANNED.values())}." if PLANNED else ""))

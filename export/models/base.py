@@ -177,6 +177,16 @@ class Adapter:
         raise UsageError(f"--image-splits does not apply to {self.model_type}: it sees each image once, at a "
                          "fixed size.", "Drop --image-splits (it is for architectures that tile images).")
 
+    def with_image_size(self, size: tuple[int, ...] | None):
+        """This adapter at the build's static image size (`--image-size H W`); None = the architecture's default.
+        Architectures whose encoder takes one fixed size refuse another."""
+        if size is None:
+            return self
+        from vtc.runtime.errors import UsageError
+
+        raise UsageError(f"--image-size does not apply to {self.model_type}: its vision encoder takes one fixed "
+                         "image size.", "Drop --image-size (it is for architectures with a free image size: Qwen2-VL).")
+
     def preprocessor(self, checkpoint_dir: Path):
         """The runtime's image preprocessing for this checkpoint (written to the manifest)."""
         from vtc.runtime.preprocess import ImagePreprocessor
@@ -257,6 +267,12 @@ class Adapter:
     def position_ids(self, seq: int) -> torch.Tensor:
         """[1, seq] positions of a prompt of `seq` tokens (1-D RoPE)."""
         return torch.arange(seq)[None]
+
+    def prompt_positions(self, model, before: list[int], kept: list[int], after: list[int]) -> torch.Tensor:
+        """Positions of the prompt before + visual tokens + after, `kept` [K] the original index of each visual
+        token: [1, S] 0..S-1 for 1-D RoPE (a compressed prompt is renumbered); multimodal schemes ([3, 1, S])
+        keep each token's original position (vtc.runtime.positions)."""
+        return self.position_ids(len(before) + len(kept) + len(after))
 
 
 def check_weights(checkpoint_dir: Path, max_header: int = 100 * 2 ** 20) -> None:
