@@ -66,6 +66,7 @@ class BuildArgs:
     engine: dict = field(default_factory=dict)  # --backend tensorrt: EngineOptions (precision, workspace_gb, ...)
     dtype: str | None = None  # fp32 | fp16 | bf16: graph weights and activations; None = per backend (DTYPES)
     image_splits: tuple | None = None  # (0,) global image only, or (rows, cols) tiles + global; None = the architecture's default
+    image_size: tuple | None = None  # (H, W) static image size (Qwen2-VL: multiples of 28); None = the architecture's default
     weights: str = "fp"  # fp (= dtype) | int8 (per channel) | int4 (blocked): the LLM's linear layers (vtc.export.wquant)
     group_size: int = 128  # --weights int4: block size along each linear layer's input dim
     weights_algo: str = "rtn"  # rtn | awq (int4: scales searched on the calibration set, vtc.calibration.awq)
@@ -192,7 +193,7 @@ def prepare(args: BuildArgs, step: Callable, check_output: bool = True) -> Build
     method, ratio = _resolve_method(args)
     with step("demo checkpoint" if args.model is None else "checking checkpoint"):
         src = ensure_demo_checkpoint() if args.model is None else Path(args.model).expanduser()
-        adapter = models.resolve(src).with_image_splits(args.image_splits)  # the static image layout
+        adapter = models.resolve(src).with_image_splits(args.image_splits).with_image_size(args.image_size)  # static image
     demo = is_demo(src)
     name = "demo-llava" if demo else src.resolve().name
     out = Path(args.output) if args.output else default_output(name, method.name, ratio)

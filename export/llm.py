@@ -3,7 +3,9 @@
 One graph serves prefill and decode (weights stored once, loaded once):
 
     inputs_embeds  [1, S, D]        float   S = prompt length at prefill, 1 at decode
-    position_ids   [1, S]           int64   RoPE positions of the S new tokens
+    position_ids   [1, S]           int64   RoPE positions of the S new tokens ([3, 1, S] for M-RoPE: Qwen2-VL's
+                                            decoders take (t, h, w) rows and apply mrope_section in their own
+                                            rotary embedding; option `positions="mrope"`)
     past_lengths   [L]              int64   valid cache entries per layer (entries >= are masked)
     logits_index   [1]              int64   which of the S positions to return logits for
     past_key.i     [1, Hkv, P, Dh]  float   layer i's cache, P = 0 at prefill, max_seq_len at decode
@@ -118,8 +120,9 @@ class StaticCacheLM(nn.Module):
     """
 
     def __init__(self, decoder: nn.Module, lm_head: nn.Module, layers: tuple[int, int] | None = None,
-                 kv: KVQuant | None = None):
+                 kv: KVQuant | None = None, positions: str = "1d"):
         super().__init__()
+        self.positions = positions  # "1d": position_ids [1, S]; "mrope": [3, 1, S] (vtc.runtime.positions)
         self.decoder = decoder
         self.lm_head = lm_head
         self.first, self.end = layers or (0, len(decoder.layers))
@@ -134,6 +137,11 @@ class StaticCacheLM(nn.Module):
     def num_layers(self) -> int:
         """Layers in this segment."""
         return self.end - self.first
+
+    def example_positions(self, seq: int) -> torch.Tensor:
+        """Trace-time position_ids of `seq` tokens: [1, S], or [3, 1, S] for M-RoPE (the sequence is the last dim)."""
+        pos = torch.arange(seq)[None]
+        return pos[None].expand(3, 1, seq).contiguous() if self.positions == "mrope" else pos
 
     def layer(self, i, hidden, cos, sin, k_past, v_past, past_len, want_last_row=False):
         block = self.decoder.layers[i]

@@ -199,9 +199,10 @@ def export_llm(lm: StaticCacheLM, num_kv_heads: int, hidden: int, path: Path, pr
     s_dim = torch.export.Dim("seq", min=1, max=MAX_SEQ_DIM)
     p_dim = torch.export.Dim("past_seq", min=0, max=MAX_SEQ_DIM)
     act = next(lm.parameters()).dtype  # the graph's activations: the weights' dtype (build --dtype)
-    common = (torch.randn(1, seq, hidden, dtype=act), torch.arange(seq)[None], torch.full((n_layers,), past, dtype=torch.int64))
+    pos = lm.example_positions(seq)  # [1, S], or [3, 1, S] for M-RoPE
+    common = (torch.randn(1, seq, hidden, dtype=act), pos, torch.full((n_layers,), past, dtype=torch.int64))
     # torch.onnx matches dynamic_shapes to inputs by position: keep the forward signature's order.
-    dyn = {"hidden": {1: s_dim}, "position_ids": {1: s_dim}, "past_lengths": None}
+    dyn = {"hidden": {1: s_dim}, "position_ids": {pos.dim() - 1: s_dim}, "past_lengths": None}
     past_dyn = tuple({2: p_dim} for _ in range(2 * n_layers))
     if lm.has_head:
         module, args, dyn = lm, (*common, torch.tensor([seq - 1]), kv), {**dyn, "logits_index": None, "past": past_dyn}

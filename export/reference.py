@@ -132,20 +132,23 @@ def reference_generate(adapter, model, method, plan: Plan, spec, pixel_values: t
 def _greedy_at_positions(model, table, embeds, positions, max_new_tokens: int) -> tuple[list[int], list]:
     """HF's own forward, greedy, fed inputs_embeds [1, S, D] at explicit positions ([3, 1, S] for M-RoPE) over
     its DynamicCache; decode continues at the largest position + 1 (HF's rope_deltas rule), one per step."""
+    import inspect
+
     from transformers import DynamicCache
 
-    cache, tokens, step_logits = DynamicCache(config=model.config), [], []
+    # transformers renamed past_key_values to cache (5.2x; the old name warns, then goes in 5.40)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache, tokens, step_logits = {key: DynamicCache(config=model.config)}, [], []
     nxt = int(positions.max()) + 1
     with torch.no_grad():
-        out = model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True)
+        out = model(inputs_embeds=embeds, position_ids=positions, use_cache=True, **cache)
         for step in range(max_new_tokens):
             step_logits.append(out.logits[0, -1].float())
             tokens.append(int(torch.argmax(step_logits[-1])))
             if step + 1 == max_new_tokens:
                 break
             pos = torch.full((positions.shape[0], 1, 1), nxt + step) if positions.dim() == 3 else torch.tensor([[nxt + step]])
-            out = model(inputs_embeds=table[tokens[-1]][None, None], position_ids=pos, past_key_values=cache,
-                        use_cache=True)
+            out = model(inputs_embeds=table[tokens[-1]][None, None], position_ids=pos, use_cache=True, **cache)
     return tokens, step_logits
 
 

@@ -88,6 +88,11 @@ def print_parity(console, report: dict) -> None:
     status = "equal" if tok.get("equal") is True else (f"differ from step {_fmt(tok.get('first_mismatch'))}"
                                                         + (" (near-tie in the reference)" if tok.get("near_tie") else ""))
     console.print(Text(f"greedy tokens: {status}"))
+    scope = report.get("scope")
+    if isinstance(scope, dict) and scope.get("llm") not in (None, "full"):
+        console.print(Text(f"checked: vision {_short(scope.get('vision'), 40)}; LLM {_short(scope.get('llm'), 300)}"))
+    if report.get("reference"):
+        console.print(Text(f"reference: {_short(report.get('reference'), 200)}"))
 
 
 def _esc(value) -> str:

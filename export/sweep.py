@@ -59,6 +59,7 @@ class SweepArgs:
     eval_n: int = 0  # task accuracy on this many questions per variant (0 = no accuracy columns)
     eval_dataset: str = "synthetic"  # a JSONL file ({image, question, answer[, type]}) or the synthetic task
     eval_seed: int = 1  # the synthetic task's seed (vtc-export eval's default; held out from the demo's training)
+    image_splits: tuple | None = None  # every variant's static image layout (BuildArgs.image_splits): tiling models
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,25 @@ def plan_variants(args: SweepArgs) -> list[Variant]:
 
 def _settings(args: SweepArgs, model_dir: Path) -> dict:
     keep = ("runs", "warmup", "max_new_tokens", "fidelity_tokens", "images", "prompts", "threads", "max_seq_len",
-            "text_budget", "eval_n", "eval_dataset", "eval_seed")
+            "text_budget", "eval_n", "eval_dataset", "eval_seed") + (("image_splits",) if args.image_splits else ())
+    # (image_splits only when given: state files of sweeps from before the flag still resume)
     return {"model": str(model_dir.resolve()), **{k: (list(v) if isinstance(v, tuple) else v)
                                                   for k, v in asdict(args).items() if k in keep}}
+
+
+def check_variants(args: SweepArgs, model_dir: Path, variants: list[Variant], step) -> None:
+    """Plan every variant on the model at the sweep's image layout before anything is built, so a method that does
+    not apply (cls-attn without a [CLS] token, FastV on tiles) is refused now, naming the methods that do, and not
+    after the variants before it were built. Costs one load of the checkpoint (the reference variant's prepare)."""
+    from vtc.export import methods
+    from vtc.export.build import prepare
+
+    with step("checking the methods against the model"):
+        ref = Variant(methods.NONE, 1.0)
+        bp = prepare(_build_args(args, model_dir, ref, Path("artifacts") / ref.name), step, check_output=False)
+        for v in variants:
+            m = methods.get(v.method)
+            m.check_lm(bp.lm.num_layers, m.plan(bp.spec, v.ratio, {}))
 
 
 def load_state(root: Path, settings: dict, force: bool) -> dict:
@@ -127,7 +144,8 @@ def save_state(root: Path, state: dict) -> None:
 
 def _build_args(args: SweepArgs, model_dir: Path, v: Variant, out: Path) -> BuildArgs:
     return BuildArgs(model=str(model_dir), method=v.method, ratio=v.ratio, output=str(out), max_seq_len=args.max_seq_len,
-                     text_budget=args.text_budget, force=True, parity_tokens=args.parity_tokens, kv_cache=v.kv)
+                     text_budget=args.text_budget, force=True, parity_tokens=args.parity_tokens, kv_cache=v.kv,
+                     image_splits=args.image_splits)
 
 
 def _existing(out: Path, bargs: BuildArgs) -> bool:
@@ -138,8 +156,9 @@ def _existing(out: Path, bargs: BuildArgs) -> bool:
         m = mf.load(out, check_files="hashes")
     except ArtifactError:
         return False
-    keys = ("model", "method", "ratio", "max_seq_len", "text_budget", "method_options", "kv_cache")
-    return all(m.build_args.get(k) == asdict(bargs)[k] for k in keys)
+    keys = ("model", "method", "ratio", "max_seq_len", "text_budget", "method_options", "kv_cache", "image_splits")
+    asked = json.loads(json.dumps(asdict(bargs)))  # as the manifest records them (tuples as lists)
+    return all(m.build_args.get(k) == asked[k] for k in keys)
 
 
 def build_variant(args: SweepArgs, model_dir: Path, v: Variant, root: Path, step) -> tuple[Path, float]:
@@ -261,13 +280,16 @@ def sweep(args: SweepArgs, step: Callable = lambda _label: contextlib.nullcontex
     items = eval_items(args) if args.eval_n else None  # a bad --eval-dataset fails before anything is written
     if root.exists() and not root.is_dir():
         raise UsageError(f"--output {root} is a file, not a sweep directory.", "Choose another --output.")
+    settings = _settings(args, model_dir)
+    state = load_state(root, settings, args.force)
+    todo = [v for v in variants if args.force or not _done(state, v)]
+    if todo:  # methods that do not apply fail before anything is written
+        check_variants(args, model_dir, todo, step)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create the sweep directory {root} ({e.strerror}).", "Choose another --output.") from e
     placement.remove_dead_pid_files(root, f".{STATE}.tmp-")  # a killed sweep's half-written state file
-    settings = _settings(args, model_dir)
-    state = load_state(root, settings, args.force)
     save_state(root, state)
     notify = on_variant or (lambda *_: None)
     ref, built = None, {}

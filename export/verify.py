@@ -16,15 +16,17 @@ def verify(artifact_dir: Path, tokens: int = 32, model_dir: str | None = None, s
     from vtc.runtime.pipeline import VLM
 
     step = step or (lambda _label: contextlib.nullcontext())
-    with step("checking manifest and file checksums"):
-        m = mf.load(artifact_dir, check_files="hashes")
+    m = mf.load(artifact_dir, check_files="sizes")  # the source to check against, and whether it fits, first
     src = Path(model_dir) if model_dir else Path(m.model.source)
     if not src.is_dir():
         raise ModelError(f"the source checkpoint {src} recorded in the manifest is not there.",
                          "Pass --model DIR with the checkpoint the artifact was built from.")
     _check_memory(src)
+    with step("checking manifest and file checksums"):
+        m = mf.load(artifact_dir, check_files="hashes")
     with step("loading the source checkpoint in PyTorch"):
-        adapter = models.resolve(src).with_image_splits(m.build_args.get("image_splits"))  # the built image layout
+        adapter = (models.resolve(src).with_image_splits(m.build_args.get("image_splits"))  # the built image layout
+                   .with_image_size(m.build_args.get("image_size")))
         model = adapter.load(src)
     spec = adapter.visual_spec(model)
     if spec.num_tokens != m.compression.n_visual:

@@ -353,6 +353,8 @@ def _expect_io(name: str, kind: str, got: list, want: list) -> None:
 
 
 def _validate_graphs(m, names: set, n: int, k: int, d: int, vocab: int, L: int, max_len: int, budget: int) -> None:
+    from vtc.runtime import positions
+
     graphs = _dict(m.graphs, "graphs")
     if set(graphs) != names:
         _fail(f"manifest field graphs has {sorted(graphs)}; an artifact of stage {m.compression.stage!r} "
@@ -392,7 +394,8 @@ def _validate_graphs(m, names: set, n: int, k: int, d: int, vocab: int, L: int, 
         act = [x[1] for x in gin if x[0] in ("inputs_embeds", "hidden_states")]
         act = act[0] if act and act[0] in FLOAT_DTYPES else FLOAT_DTYPES
         want_in = [("inputs_embeds" if first == 0 else "hidden_states", act, [1, "seq", d]),
-                   ("position_ids", "int64", [1, "seq"]), ("past_lengths", "int64", [end - first]),
+                   ("position_ids", "int64", [*positions.get(m.lm.rope).lead, "seq"]),  # [1, S] or [3, 1, S]
+                   ("past_lengths", "int64", [end - first]),
                    *kv_in("past", range(first, end), "past_seq")]
         if head:
             want_in.append(("logits_index", "int64", [1]))

@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random LLaVA checkpoints of real HF classes (tests.helpers.tiny.TINY), and artifacts
-built from them. Built once per session. Shared non-fixture code lives in tests/helpers/.
+"""Shared fixtures: tiny random checkpoints of real HF classes (tests.helpers.tiny.ALL_TINY: LLaVA, SmolVLM,
+Idefics3), and artifacts built from them. Built once per session. Shared non-fixture code lives in tests/helpers/.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tests.helpers.builds import nullstep  # noqa: E402
-from tests.helpers.tiny import TINY  # noqa: E402
-from vtc.export.random_llava import write_random_llava  # noqa: E402
+from tests.helpers.tiny import ALL_TINY, write_tiny  # noqa: E402
 
 pytest_plugins = ["tests.helpers.fixtures"]  # `ckpt` and `art`, module-scoped (a test module may define its own)
 
@@ -22,7 +21,7 @@ pytest_plugins = ["tests.helpers.fixtures"]  # `ckpt` and `art`, module-scoped (
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpt")
-    return {name: write_random_llava(root / name, spec, seed) for name, (spec, seed) in TINY.items()}
+    return {name: write_tiny(root, name) for name in ALL_TINY}
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """SmolVLM / Idefics3 (issue 17): preprocessing, prompt expansion and generation against HF's own code.
 
 Tiny random checkpoints of the real HF classes (tests/helpers/tiny.py TINY_IDEFICS3), every matrix re-drawn
-normal(0, 0.2) so greedy tokens depend on the image. HF's side is what a transformers user runs: the PIL image
+normal(0, 0.2) so greedy tokens depend on the image. The global-image parity checks run PARITY_MATRIX's SmolVLM /
+Idefics3 rows (tests/helpers/matrix.py); the methods these architectures refuse are checked in test_registries.py. HF's side is what a transformers user runs: the PIL image
 processor (SmolVLMImageProcessorPil / Idefics3ImageProcessorPil), the prompt string processing_smolvlm.py builds
 (Idefics3Processor itself where it can be constructed: SmolVLMProcessor needs torchvision) and `generate`.
 """
@@ -17,8 +18,9 @@ from PIL import Image
 
 from tests.helpers.builds import nullstep
 from tests.helpers.images import random_image
+from tests.helpers.matrix import parity_cases
 from tests.helpers.subprocs import vtc_export_cmd
-from tests.helpers.tiny import TINY_IDEFICS3, write_tiny_idefics3
+from tests.helpers.tiny import TINY_IDEFICS3
 from vtc.export import methods, models
 from vtc.export.reference import _greedy, reference_generate
 from vtc.runtime.errors import UsageError
@@ -26,28 +28,28 @@ from vtc.runtime.pipeline import VLM
 
 PROMPT = "What shapes do you see in the picture?"
 NEW_TOKENS = 32
-APPLICABLE = ("pool", "random", "uniform", "divprune", "fastv", "tokencarve")
 LAYER_1 = {"fastv": {"layer": "1"}, "tokencarve": {"layer": "1"}}  # the tiny LMs have 2 layers
+ROWS = parity_cases(model_types=("smolvlm", "idefics3"))  # every PARITY_MATRIX row of these architectures
 IMAGE_SIZES = ((150, 200), (200, 150), (64, 64), (31, 97), (300, 299))  # (height, width)
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("idefics3")
-    return {name: write_tiny_idefics3(root, name) for name in TINY_IDEFICS3}
+def ckpts(tiny_checkpoints):
+    return {name: tiny_checkpoints[name] for name in TINY_IDEFICS3}
 
 
 @pytest.fixture(scope="module")
 def build_art(tmp_path_factory, ckpts):
-    """build(name, method, ratio, splits=None, **kw) -> artifact path, once per distinct key."""
+    """build(name, method, ratio, splits=None, options=None, **kw) -> artifact path, once per distinct key;
+    options None = LAYER_1's."""
     from vtc.export.build import BuildArgs, build
 
     root, cache = tmp_path_factory.mktemp("idefics3-art"), {}
 
-    def make(name, method="none", ratio=None, splits=None, **kw):
-        key = (name, method, ratio, splits, repr(sorted(kw.items())))
+    def make(name, method="none", ratio=None, splits=None, options=None, **kw):
+        opts = dict(LAYER_1.get(method, {}) if options is None else options)
+        key = (name, method, ratio, splits, repr(sorted(opts.items())), repr(sorted(kw.items())))
         if key not in cache:
-            opts = dict(LAYER_1.get(method, {}))
             args = BuildArgs(model=str(ckpts[name]), method=method, ratio=ratio, output=str(root / f"a{len(cache)}"),
                              max_seq_len=512, text_budget=64, method_options=opts, image_splits=splits,
                              parity_tokens=kw.pop("parity_tokens", NEW_TOKENS), **kw)
@@ -154,7 +156,7 @@ def _hf_generate(ckpt, arch, image, rows=0, cols=0) -> tuple[list[int], np.ndarr
     return tokens, enc["pixel_values"][0].numpy()
 
 
-@pytest.mark.parametrize("name", list(TINY_IDEFICS3))
+@pytest.mark.parametrize("name", [c.config for c in ROWS if c.method == "none"])
 def test_uncompressed_tokens_equal_hf_generate(build_art, ckpts, name, tmp_path):
     vlm = VLM(build_art(name, "none", 1.0))
     assert vlm.manifest.parity["ok"] and vlm.manifest.parity["greedy_tokens"]["equal"]
@@ -170,13 +172,13 @@ def test_uncompressed_tokens_equal_hf_generate(build_art, ckpts, name, tmp_path)
 
 
 # -- 4. every applicable method at 0.25 == the PyTorch reference with the same selection -------------------------
-def check_against_reference(vlm, ckpt, method, ratio, image, splits=None):
+def check_against_reference(vlm, ckpt, method, ratio, image, splits=None, options=None):
     """Kept indices, token map and 32 greedy tokens of the artifact against vtc.export.reference."""
     adapter = _adapter(ckpt, splits)
     model = adapter.load(ckpt)
     spec = adapter.visual_spec(model)
     m = methods.get(method)
-    plan = m.plan(spec, ratio, dict(LAYER_1.get(method, {})))
+    plan = m.plan(spec, ratio, dict(LAYER_1.get(method, {}) if options is None else options))
     assert plan.k == vlm.manifest.compression.k_visual
     prompt, pixels = vlm.prepare_prompt(PROMPT), vlm.prepare_image(image)
     ref = reference_generate(adapter, model, m, plan, spec, torch.from_numpy(pixels), prompt.before, prompt.after,
@@ -189,28 +191,19 @@ def check_against_reference(vlm, ckpt, method, ratio, image, splits=None):
     return plan
 
 
-@pytest.mark.parametrize("name", list(TINY_IDEFICS3))
-@pytest.mark.parametrize("method", APPLICABLE)
-def test_applicable_method_at_quarter_equals_reference(build_art, ckpts, name, method):
-    art = build_art(name, method, 0.25)
+@pytest.mark.parametrize("method,name,ratio,options", [(c.method, c.config, c.ratio, c.options) for c in ROWS
+                                                        if c.method != "none"],
+                         ids=[f"{c.method}-{c.config}-{c.ratio}" for c in ROWS if c.method != "none"])
+def test_applicable_method_equals_reference(build_art, ckpts, method, name, ratio, options):
+    art = build_art(name, method, ratio, options=options)
     vlm = VLM(art)
     report = vlm.manifest.parity
     assert report["ok"] and report["greedy_tokens"]["equal"] and report["new_tokens"] == NEW_TOKENS
-    plan = check_against_reference(vlm, ckpts[name], method, 0.25, random_image(5))
-    assert plan.k == 4  # 16 tokens per image: pool 2x2 windows, the others round(0.25 * 16)
+    plan = check_against_reference(vlm, ckpts[name], method, ratio, random_image(5), options=options)
+    assert plan.k == round(ratio * 16)  # 16 tokens per image (0.25: pool's 2x2 windows give the same 4)
 
 
-# -- 5. refusals -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["cls-attn", "visionzip", "tome"])
-def test_methods_that_need_cls_are_refused_with_what_applies(ckpts, tmp_path, method):
-    from tests.helpers.builds import refused_before_export
-
-    msg = refused_before_export(ckpts["smolvlm-gqa"], method, 0.25, tmp_path / "out")
-    assert "[CLS]" in msg and "does not apply" in msg
-    listed = msg.split("Methods that apply to it:")[1]
-    assert all(m in listed for m in APPLICABLE) and "cls-attn" not in listed and "visionzip" not in listed
-
-
+# -- 5. refusals (the methods that need a [CLS] token: test_registries.py, from matrix.REFUSED) -------------
 @pytest.mark.parametrize("splits, words", [((1, 1), "never splits"), ((2, 0), "at least one row"),
                                            ((0, 3), "at least one row"), ((70, 2), "at most 64 tiles"),
                                            ((2, 2, 2), "two numbers"), ((3,), "two numbers")])
@@ -328,3 +321,31 @@ def test_tiled_artifact_verifies_and_calibrates(build_art, ckpts):
     vlm = VLM(build_art("smolvlm-gqa", "pool", 0.25, (2, 2), kv_cache="int8", parity_tokens=8))
     assert vlm.manifest.kv_cache.dtype == "int8" and vlm.manifest.parity["ok"]
     assert vlm.manifest.kv_cache.accuracy  # quantized vs float32 KV measured on held-out pairs
+
+
+def test_calibrate_cli_at_the_tiled_layout(build_art, ckpts, tmp_path, capsys):
+    """`calibrate --image-splits 2 2` runs the calibration set through the tiled prompts: its scales are exactly those
+    the tiled INT8 build above calibrated inline (same default set), and a build at another layout refuses them."""
+    import json
+
+    from vtc.export import kvquant
+    from vtc.export.build import BuildArgs, prepare
+    from vtc.export.cli import main
+    from vtc.runtime.errors import InputError
+
+    ckpt, out = ckpts["smolvlm-gqa"], tmp_path / "kv_scales.json"
+    assert main(["calibrate", "--model", str(ckpt), "--method", "pool", "--ratio", "0.25", "--image-splits", "2", "2",
+                 "--output", str(out)]) == 0, capsys.readouterr().err
+    got = json.loads(out.read_text())
+    inline = json.loads((build_art("smolvlm-gqa", "pool", 0.25, (2, 2), kv_cache="int8", parity_tokens=8)
+                         / "kv_scales.json").read_text())
+    assert got["compression"]["k_visual"] == 20 and got["layers"] == inline["layers"]
+
+    def kv_plan(splits):
+        args = BuildArgs(model=str(ckpt), method="pool", ratio=0.25, output=str(tmp_path / "o"), kv_cache="int8",
+                         kv_scales=str(out), image_splits=splits, max_seq_len=512, text_budget=64)
+        return kvquant.plan(tmp_path, prepare(args, nullstep, check_output=False), nullstep)
+
+    assert kv_plan((2, 2)).dtype == "int8"
+    with pytest.raises(InputError, match="k_visual=20"):
+        kv_plan((0,))  # 4 tokens kept of the global image's 16

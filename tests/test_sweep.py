@@ -163,3 +163,29 @@ def test_sweep_bad_eval_dataset_fails_before_writing(tmp_path, capsys):
     assert main(["sweep", "--methods", "pool", "--ratios", "0.5", "--eval", "5", "--eval-dataset",
                  str(tmp_path / "missing.jsonl"), "--output", str(out)]) == 1
     assert "missing.jsonl does not exist" in capsys.readouterr().err and not out.exists()
+
+
+def test_sweep_tiled_smolvlm(tmp_path, tiny_checkpoints, capsys):
+    """--image-splits reaches every variant (build's semantics): one tiled point on a tiny SmolVLM. A method that
+    cannot work on tiles (FastV ranks one contiguous image block) is refused, naming what applies, before anything is
+    built or written; resuming at another layout needs --force."""
+    from tests.helpers.images import random_image
+
+    model, out, image = tiny_checkpoints["smolvlm-gqa"], tmp_path / "sweep", tmp_path / "img.png"
+    random_image(3).save(image)
+    tiled = ["--model", str(model), "--ratios", "1.0,0.25", "--image-splits", "2", "2", "--output", str(out),
+             "--runs", "1", "--warmup", "0", "--max-new-tokens", "4", "--fidelity-tokens", "8", "--image", str(image),
+             "--prompt", "What is in the picture?", "--max-seq-len", "256", "--text-budget", "64"]
+    assert main(["sweep", "--methods", "pool,fastv", *tiled]) == 2
+    err = capsys.readouterr().err
+    assert "'fastv' does not apply" in err and "one contiguous block" in err and not out.exists()
+    assert "pool" in err.split("apply to it:")[1] and "fastv" not in err.split("apply to it:")[1]
+
+    assert main(["sweep", "--methods", "pool", *tiled]) == 0, capsys.readouterr().err
+    rows = {r["variant"]: r for r in json.loads((out / "sweep.json").read_text())["rows"]}
+    assert [(rows[v]["n_visual"], rows[v]["k_visual"]) for v in ("none-r1", "pool-r0.25")] == [(80, 80), (80, 20)]
+    assert rows["none-r1"]["greedy_agreement"] == 1.0 and 0.0 <= rows["pool-r0.25"]["greedy_agreement"] <= 1.0
+    for v in rows:
+        assert mf.load(out / "artifacts" / v, check_files=False).build_args["image_splits"] == [2, 2]
+    with pytest.raises(sw.UsageError, match=r"image_splits \[2, 2\] -> \[0\]"):
+        sw.sweep(sweep_args(model, out, methods=("pool",), ratios=(0.25,), image_splits=(0,)))

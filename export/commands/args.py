@@ -24,9 +24,20 @@ def add_model(parser) -> None:
     parser.add_argument("--model", metavar="DIR", help=MODEL_HELP)
 
 
+def add_image_splits(parser, of: str = "") -> None:
+    """--image-splits (build, calibrate, sweep): the static tile grid, the same semantics everywhere."""
+    parser.add_argument("--image-splits", type=int, nargs="+", metavar="R C",
+                        help=f"static image layout{of} of tiling models (Idefics3/SmolVLM): R C = R x C tiles + the "
+                             "global image (e.g. --image-splits 2 2), 0 = the global image only (the default)")
+
+
+def image_splits(args) -> tuple | None:
+    return None if args.image_splits is None else tuple(args.image_splits)
+
+
 class BuildOptionsArgs:
     """What to build: the model, method and size fields of vtc.export.build.BuildArgs. `calibrate=True`:
-    only --model/--method/--ratio/--method-opt, worded for a calibration (its --output is a file)."""
+    only --model/--method/--ratio/--method-opt/--image-splits, worded for a calibration (its --output is a file)."""
 
     def __init__(self, calibrate: bool = False):
         self.calibrate = calibrate
@@ -40,6 +51,7 @@ class BuildOptionsArgs:
                                 help=f"compression method the cache will be built with (default {DEFAULT_METHOD})")
             parser.add_argument("--ratio", type=float, help=f"fraction of visual tokens kept (default {DEFAULT_RATIO:g})")
             parser.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE")
+            add_image_splits(parser, " (the build's, which the scales are for)")
             self.add_dtype(parser)
             return
         parser.add_argument("--method", default=DEFAULT_METHOD,
@@ -57,9 +69,10 @@ class BuildOptionsArgs:
         parser.add_argument("--parity-tokens", type=int, default=8, metavar="N",
                             help="greedy tokens compared against PyTorch during the build (default 8)")
         parser.add_argument("--force", action="store_true", help="replace an existing output directory")
-        parser.add_argument("--image-splits", type=int, nargs="+", metavar="R C",
-                            help="static image layout of tiling models (Idefics3/SmolVLM): R C = R x C tiles + the "
-                                 "global image, 0 = the global image only (the default)")
+        add_image_splits(parser)
+        parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                            help="static image size of models with a free input size (Qwen2-VL/2.5-VL: multiples of "
+                                 "28, default 448 448 = 256 visual tokens); every image is resized to it")
         self.add_dtype(parser)
 
     @staticmethod
@@ -70,11 +83,11 @@ class BuildOptionsArgs:
 
     def parse(self, args) -> dict:
         fields = dict(model=args.model, method=args.method, ratio=args.ratio,
-                      method_options=method_options(args.method_opt), dtype=args.dtype)
+                      method_options=method_options(args.method_opt), dtype=args.dtype, image_splits=image_splits(args))
         if not self.calibrate:
             fields.update(output=args.output, max_seq_len=args.max_seq_len, text_budget=args.text_budget,
                           parity_tokens=args.parity_tokens, force=args.force,
-                          image_splits=None if args.image_splits is None else tuple(args.image_splits))
+                          image_size=None if args.image_size is None else tuple(args.image_size))
         return fields
 
 
@@ -237,6 +250,7 @@ class SweepOptionsArgs:
         parser.add_argument("--eval-dataset", default="synthetic", metavar="PATH|synthetic",
                             help="JSONL {image, question, answer[, type]} per line, or the synthetic task (default)")
         parser.add_argument("--eval-seed", type=int, default=1, metavar="S", help="seed of the synthetic set (default 1)")
+        add_image_splits(parser, " of every variant")
         parser.add_argument("--force", action="store_true", help="start over: rebuild and re-measure every variant")
 
     def parse(self, args):
@@ -256,7 +270,7 @@ class SweepOptionsArgs:
                          threads=RuntimeBackendArgs.threads(args), max_seq_len=args.max_seq_len or DEFAULT_MAX_SEQ_LEN,
                          text_budget=args.text_budget or DEFAULT_TEXT_BUDGET, force=args.force,
                          kv_caches=_names(args.kv_cache), eval_n=args.eval, eval_dataset=args.eval_dataset,
-                         eval_seed=args.eval_seed)
+                         eval_seed=args.eval_seed, image_splits=image_splits(args))
 
 
 def _names(text: str) -> tuple:

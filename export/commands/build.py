@@ -20,6 +20,7 @@ def add_parser(subparsers):
           vtc-export build --method fastv --ratio 0.25 --weights int4 --weights-algo awq --kv-cache int8
           vtc-export build --ratio 0.25 --backend tensorrt --precision fp16   # + TensorRT engines (GPU host)
           vtc-export build --model ./SmolVLM-256M-Instruct --method divprune --image-splits 2 2   # 4 tiles + global
+          vtc-export build --model ./Qwen2.5-VL-3B-Instruct --method divprune --image-size 448 448   # 256 -> 64 tokens
         """)
     for group in (OPTIONS, KV, WEIGHTS, ENGINE):
         group.add_to_parser(p)
@@ -49,6 +50,10 @@ def run(args) -> int:
     out.print(f"parity vs PyTorch: {'[green]ok[/]' if p['ok'] else '[red]FAILED[/]'} "
               f"(prefill logits max-abs {p['graphs']['llm_prefill']['max_abs']:.2e}, "
               f"{p['new_tokens']} greedy tokens {'equal' if p['greedy_tokens']['equal'] else 'differ'})")
+    if p.get("scope", {}).get("llm", "full") != "full":
+        from rich.markup import escape
+
+        out.print(f"[yellow]note:[/] parity checked LLM {escape(p['scope']['llm'])}")
     if built.lint is not None:
         from vtc.export.report import print_lint
 

@@ -15,6 +15,8 @@ def add_parser(subparsers):
           vtc-export calibrate --ratio 0.25 --output kv_scales.json          # demo model, pool
           vtc-export calibrate --model ./llava-1.5-7b-hf --method fastv --ratio 0.25 \\
               --calib-images ./my_images --calib-prompts prompts.jsonl --output kv_scales.json
+          vtc-export calibrate --model ./SmolVLM-256M-Instruct --method pool --ratio 0.25 --image-splits 2 2 \\
+              --output kv_scales.json      # for: vtc-export build ... --image-splits 2 2 --kv-scales kv_scales.json
         """)
     OPTIONS.add_to_parser(c)
     c.add_argument("--output", "-o", default="kv_scales.json", metavar="FILE", help="where to write (default kv_scales.json)")

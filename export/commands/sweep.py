@@ -19,6 +19,7 @@ def add_parser(subparsers):
           vtc-export sweep --model ./llava-1.5-7b-hf --methods pool,fastv --ratios 1.0,0.25 --runs 10
           vtc-export sweep --methods pool --ratios 0.5 --image a.jpg --image b.jpg --prompt "Describe it."
           vtc-export sweep --methods pool --ratios 1.0,0.25 --kv-cache fp32,int8   # also with an INT8 KV cache
+          vtc-export sweep --model ./SmolVLM-256M-Instruct --methods pool,divprune --ratios 1.0,0.25 --image-splits 2 2
         """)
     OPTIONS.add_to_parser(s)
     return s

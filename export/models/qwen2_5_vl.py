@@ -173,7 +173,7 @@ class Qwen2_5_VLAdapter(Adapter):
     # -- modules --------------------------------------------------------------------------------
     def static_cache_lm(self, model, layers: tuple[int, int] | None = None, kv=None) -> StaticCacheLM:
         """HF's Qwen2 decoder; its rotary embedding takes position_ids [3, 1, S] and applies mrope_section itself."""
-        return StaticCacheLM(model.model.language_model, model.lm_head, layers, kv).eval()
+        return StaticCacheLM(model.model.language_model, model.lm_head, layers, kv, positions=self.rope).eval()
 
     def embed_table(self, model) -> torch.Tensor:
         return model.model.language_model.embed_tokens.weight.detach()

@@ -16,10 +16,12 @@ TINY = {
                                     vision_layers=2, layers=3, vocab=300), 3),
 }
 
-# model_type (config.json; the key of vtc.export.models' registry) -> the TINY configs of that architecture.
+# model_type (config.json; the key of vtc.export.models' registry) -> its tiny configs (TINY, TINY_IDEFICS3).
 # Every registered architecture needs at least one (tests/test_registries.py checks it).
 TINY_BY_MODEL_TYPE: dict[str, tuple[str, ...]] = {
     "llava": ("mha-default", "gqa-full", "mqa-layer-1"),
+    "smolvlm": ("smolvlm-gqa",),
+    "idefics3": ("idefics3-mqa",),
 }
 
 
@@ -44,7 +46,7 @@ def write_siglip_llava(path):
     return path
 
 
-# Idefics3 / SmolVLM (SigLIP without [CLS], pixel-shuffle connector, Llama LM): tests/test_smolvlm.py writes them
+# Idefics3 / SmolVLM (SigLIP without [CLS], pixel-shuffle connector, Llama LM): conftest.py writes them (ALL_TINY)
 # with vtc.export.random_idefics3 (every matrix normal(0, 0.2), so greedy tokens depend on the image). Tiles of
 # 64 / 56 px, 8 x 8 patches shuffled 2 x 2 -> 16 tokens per image; the processor's size is 2 tiles a side.
 def _idefics3_specs():
@@ -66,3 +68,46 @@ def write_tiny_idefics3(root, name: str):
 
     spec, seed = TINY_IDEFICS3[name]
     return write_random_idefics3(root / name, spec, seed)
+
+
+# Every tiny config conftest.py writes (`tiny_checkpoints`), of every architecture.
+ALL_TINY: tuple[str, ...] = (*TINY, *TINY_IDEFICS3)
+
+
+def write_tiny(root, name: str):
+    """Write the tiny checkpoint `name` (any of ALL_TINY) under `root` with its architecture's writer."""
+    if name in TINY_IDEFICS3:
+        return write_tiny_idefics3(root, name)
+    from vtc.export.random_llava import write_random_llava
+
+    spec, seed = TINY[name]
+    return write_random_llava(root / name, spec, seed)
+
+
+# Qwen2.5-VL / Qwen2-VL (ViT with 2-D RoPE, no [CLS]; windowed attention; 2x2 patch merger; Qwen2 LM with M-RoPE):
+# tests/test_qwen2_5_vl.py writes them with vtc.export.random_qwen (every matrix normal(0, 0.2)). name: (spec, seed,
+# the build's --image-size). Not yet in TINY_BY_MODEL_TYPE / the parity matrix (to wire: "qwen2_5_vl":
+# ("qwen25-tied", "qwen25-windows"), "qwen2_vl": ("qwen2-vl",)).
+def _qwen_specs():
+    from vtc.export.random_qwen import RandomQwenSpec
+
+    return {
+        # tied embeddings; 112 x 112 -> 4 x 4 merged tokens in one 4 x 4 window
+        "qwen25-tied": (RandomQwenSpec(tie_embeddings=True, window_size=112, fullatt_block_indexes=(1,)), 21, (112, 112)),
+        # 168 x 224 -> 6 x 8 merged tokens in 3 x 3 windows (2 x 3 of them, the last column padded), full attention
+        # at blocks 1 and 3 of 4; grouped-query LM of 3 layers
+        "qwen25-windows": (RandomQwenSpec(window_size=84, vision_layers=4, fullatt_block_indexes=(1, 3), layers=3,
+                                          heads=4, kv_heads=1), 22, (168, 224)),
+        "qwen2-vl": (RandomQwenSpec(arch="qwen2_vl"), 23, (112, 112)),
+    }
+
+
+TINY_QWEN = _qwen_specs()
+
+
+def write_tiny_qwen(root, name: str):
+    """Write TINY_QWEN[name] under `root`; returns the checkpoint directory."""
+    from vtc.export.random_qwen import write_random_qwen
+
+    spec, seed, _ = TINY_QWEN[name]
+    return write_random_qwen(root / name, spec, seed)
