@@ -57,7 +57,8 @@ def collect(adapter, model, method, plan, src: Path, pairs: list, new_tokens: in
         raise UsageError("the calibration set is empty.", "Pass --calib-images DIR and --calib-prompts FILE with data.")
     image_prompt = adapter.image_prompt(src)  # the built image layout (tiles: one image token per block)
     pre = adapter.preprocessor(src)
-    text = TextProcessor.from_dir(src, tokenizer_as_is=adapter.tokenizer_as_is, image_prompt=image_prompt)
+    text = TextProcessor.from_dir(src, image_token=adapter.image_token, tokenizer_as_is=adapter.tokenizer_as_is,
+                                  image_prompt=image_prompt)
     blocks = 1 if image_prompt is None else image_prompt.count(text.image_token)
     stats, rng = KVStats(), np.random.default_rng(0)
     for n, (image, prompt) in enumerate(pairs):

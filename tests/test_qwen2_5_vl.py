@@ -103,6 +103,29 @@ def test_any_image_is_resized_to_the_built_size(ckpts):
     assert _hf_image_processor(ckpt)(images=[_image(1, (80, 300))])["image_grid_thw"].tolist() == [[1, 6, 22]]
 
 
+@pytest.mark.parametrize("window, hw, layout", [(56, (112, 112), "batched"), (84, (168, 224), "mask"),
+                                                (112, (112, 112), "full"), (56, (168, 280), "batched")])
+def test_vision_forward_equals_hf_get_image_features(tmp_path, window, hw, layout):
+    """The graph's vision walk (baked windows: a batch of equal windows, a mask for uneven ones, or one window)
+    against HF's get_image_features (cu_seqlens, torch.split per window) on the same pixels."""
+    from vtc.export.models.qwen2_5_vl import ADAPTER
+    from vtc.export.random_qwen import RandomQwenSpec, write_random_qwen
+
+    ckpt = write_random_qwen(tmp_path / "q", RandomQwenSpec(window_size=window, vision_layers=3,
+                                                            fullatt_block_indexes=(1,)), 3)
+    adapter = ADAPTER.with_image_size(hw)
+    model = adapter.load(ckpt)
+    c = model.vtc_static
+    assert {"batched": c.window_len is not None, "mask": c.window_mask is not None,
+            "full": c.window_len is None and c.window_mask is None}[layout]
+    pixels = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = adapter.visual_features(model, pixels).embeds
+        want = adapter.reference_features(model, pixels).embeds
+    assert got.shape == (1, hw[0] * hw[1] // 784, 64)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * float(want.abs().max()))
+
+
 # -- 2. the prompt: processing_qwen2_5_vl.py's expansion, token for token ----------------------------------------
 def _hf_prompt_ids(ckpt, n: int) -> list[int]:
     """The chat template, then <|image_pad|> -> n of them (Qwen2_5_VLProcessor.__call__), then the tokenizer."""
@@ -217,6 +240,14 @@ def test_positions_matter_for_compressed_prompts(build_art, ckpts):
     renumbered = torch.arange(merged.shape[1])[None, None].expand(3, 1, -1)
     other, _ = _greedy_at_positions(model, table, merged, renumbered, NEW_TOKENS)
     assert other != ref.tokens
+
+
+def test_artifact_verifies_against_hf(build_art):
+    """`verify` rebuilds the reference at the built image size (manifest build_args.image_size)."""
+    from vtc.export.verify import verify
+
+    report = verify(build_art("qwen2-vl", "none", 1.0), tokens=NEW_TOKENS)
+    assert report["ok"] and report["greedy_tokens"]["equal"]
 
 
 # -- 6. refusals ---------------------------------------------------------------------------------------------

@@ -323,9 +323,10 @@ def test_tiled_artifact_verifies_and_calibrates(build_art, ckpts):
     assert vlm.manifest.kv_cache.accuracy  # quantized vs float32 KV measured on held-out pairs
 
 
-def test_calibrate_cli_at_the_tiled_layout(build_art, ckpts, tmp_path, capsys):
-    """`calibrate --image-splits 2 2` runs the calibration set through the tiled prompts: its scales are exactly those
-    the tiled INT8 build above calibrated inline (same default set), and a build at another layout refuses them."""
+def test_calibrate_cli_at_the_tiled_layout(ckpts, tmp_path, capsys):
+    """`calibrate --image-splits 2 2` measures the KV of the tiled prompts (80 visual tokens, 20 kept), not the global
+    image's: other scales than `--image-splits 0`; the build at 2 x 2 takes them, one at the global-image layout
+    refuses them."""
     import json
 
     from vtc.export import kvquant
@@ -333,19 +334,28 @@ def test_calibrate_cli_at_the_tiled_layout(build_art, ckpts, tmp_path, capsys):
     from vtc.export.cli import main
     from vtc.runtime.errors import InputError
 
-    ckpt, out = ckpts["smolvlm-gqa"], tmp_path / "kv_scales.json"
-    assert main(["calibrate", "--model", str(ckpt), "--method", "pool", "--ratio", "0.25", "--image-splits", "2", "2",
-                 "--output", str(out)]) == 0, capsys.readouterr().err
-    got = json.loads(out.read_text())
-    inline = json.loads((build_art("smolvlm-gqa", "pool", 0.25, (2, 2), kv_cache="int8", parity_tokens=8)
-                         / "kv_scales.json").read_text())
-    assert got["compression"]["k_visual"] == 20 and got["layers"] == inline["layers"]
+    ckpt, images, prompts = ckpts["smolvlm-gqa"], tmp_path / "images", tmp_path / "prompts.jsonl"
+    images.mkdir()
+    for seed in (1, 2):
+        random_image(seed).save(images / f"{seed}.png")
+    prompts.write_text('{"prompt": "What shapes do you see?"}\n')
+    scales = {}
+    for splits in (["2", "2"], ["0"]):
+        out = tmp_path / f"kv-{'x'.join(splits)}.json"
+        assert main(["calibrate", "--model", str(ckpt), "--method", "pool", "--ratio", "0.25", "--image-splits", *splits,
+                     "--calib-images", str(images), "--calib-prompts", str(prompts), "--output", str(out)]) == 0, \
+            capsys.readouterr().err
+        scales["x".join(splits)] = out
+    tiled, single = (json.loads(scales[k].read_text()) for k in ("2x2", "0"))
+    assert (tiled["compression"]["k_visual"], single["compression"]["k_visual"]) == (20, 4)
+    assert tiled["calibration"]["pairs"] == 2 and tiled["layers"] != single["layers"]
 
-    def kv_plan(splits):
+    def kv_plan(file, splits):
         args = BuildArgs(model=str(ckpt), method="pool", ratio=0.25, output=str(tmp_path / "o"), kv_cache="int8",
-                         kv_scales=str(out), image_splits=splits, max_seq_len=512, text_budget=64)
-        return kvquant.plan(tmp_path, prepare(args, nullstep, check_output=False), nullstep)
+                         kv_scales=str(file), image_splits=splits, max_seq_len=512, text_budget=64)
+        (tmp_path / "art").mkdir(exist_ok=True)
+        return kvquant.plan(tmp_path / "art", prepare(args, nullstep, check_output=False), nullstep)
 
-    assert kv_plan((2, 2)).dtype == "int8"
+    assert kv_plan(scales["2x2"], (2, 2)).dtype == "int8"
     with pytest.raises(InputError, match="k_visual=20"):
-        kv_plan((0,))  # 4 tokens kept of the global image's 16
+        kv_plan(scales["2x2"], (0,))  # 4 tokens kept of the global image's 16

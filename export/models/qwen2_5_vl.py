@@ -40,7 +40,8 @@ class StaticVision:
     perm: torch.Tensor  # [n] patch order for windowed attention (HF permute_input_for_window_attn)
     cos: torch.Tensor  # [n, Dh] 2-D rotary embedding, permuted
     sin: torch.Tensor
-    window_mask: torch.Tensor | None  # [n, n] bool: same window (None: one window, full attention everywhere)
+    window_mask: torch.Tensor | None  # [n, n] bool: same window (None: one window, or `window_len`)
+    window_len: int | None  # all windows this long: attention batched over [n / L, L] windows instead of a mask
     full_blocks: frozenset  # blocks with full attention (fullatt_block_indexes)
     reverse: torch.Tensor  # [N] merged tokens back to row-major order
 
@@ -71,24 +72,29 @@ def _static_vision(visual, hw: tuple[int, int]) -> StaticVision:
     with torch.no_grad():
         weight = visual.patch_embed.proj.weight
         cos, sin = visual.rotary_pos_emb(weight, get_vision_position_ids(grid, merge))  # [n, Dh] each
-    window = torch.repeat_interleave(torch.arange(len(cu) - 1), (cu[1:] - cu[:-1]).long())  # [n] window id
-    mask = None if len(cu) == 2 else window[:, None] == window[None, :]
-    return StaticVision(grid_thw=grid, perm=perm, cos=cos[perm], sin=sin[perm], window_mask=mask, full_blocks=full,
+    lengths = (cu[1:] - cu[:-1]).long()
+    window = torch.repeat_interleave(torch.arange(len(cu) - 1), lengths)  # [n] window id
+    equal = len(cu) > 2 and bool((lengths == lengths[0]).all())
+    mask = None if len(cu) == 2 or equal else window[:, None] == window[None, :]
+    return StaticVision(grid_thw=grid, perm=perm, cos=cos[perm], sin=sin[perm], window_mask=mask,
+                        window_len=int(lengths[0]) if equal else None, full_blocks=full,
                         reverse=torch.argsort(window_index))
 
 
-def _block(blk, h: torch.Tensor, cos, sin, mask, rope) -> torch.Tensor:
+def _block(blk, h: torch.Tensor, cos, sin, mask, rope, window_len: int | None = None) -> torch.Tensor:
     """One HF vision block on h [n, Dv] with its own modules; attention as HF's eager path computes it per window
-    (fp32 softmax of q k^T * scaling), the windows as a block-diagonal mask (masked scores: finfo.min -> 0)."""
+    (fp32 softmax of q k^T * scaling): windows of one length L as a batch [n / L, H, L, Dh], uneven ones as a
+    block-diagonal mask (masked scores: finfo.min -> exp 0), one window (full attention) as is."""
     attn, n = blk.attn, h.shape[0]
     q, k, v = attn.qkv(blk.norm1(h)).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # [n, H, Dh]
     q, k = rope(q, k, cos, sin)
-    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, n, Dh]
-    scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling  # [H, n, n]
+    w = window_len or n
+    q, k, v = (x.reshape(n // w, w, attn.num_heads, -1).transpose(1, 2) for x in (q, k, v))  # [n/L, H, L, Dh]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling  # [n/L, H, L, L]
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, v).transpose(0, 1).reshape(n, -1)  # [n, H*Dh]
+    out = torch.matmul(probs, v).transpose(1, 2).reshape(n, -1)  # [n, H*Dh]
     h = h + attn.proj(out)
     return h + blk.mlp(blk.norm2(h))
 
@@ -187,7 +193,8 @@ class Qwen2_5_VLAdapter(Adapter):
         patches = patchify(pixel_values, vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size)
         h = torch.index_select(vis.patch_embed(patches), 0, c.perm)  # [n, Dv] in window order
         for i, blk in enumerate(vis.blocks):
-            h = _block(blk, h, c.cos, c.sin, None if i in c.full_blocks else c.window_mask, rope)
+            full = i in c.full_blocks
+            h = _block(blk, h, c.cos, c.sin, None if full else c.window_mask, rope, None if full else c.window_len)
         merged = torch.index_select(vis.merger(h), 0, c.reverse)  # [N, D] row-major over the merged grid
         return VisualFeatures(embeds=merged[None])
 
