@@ -113,6 +113,11 @@ def read_image_processor_config(checkpoint_dir: str | Path) -> dict:
         cfg = data.get("image_processor") if nested and isinstance(data, dict) else data
         if isinstance(cfg, dict):
             return cfg
+    if (d / "video_preprocessor_config.json").is_file():  # e.g. a Qwen2-VL checkpoint saved for video only
+        raise ModelError(f"{str(d)!r} has only video settings (video_preprocessor_config.json) and no image processor "
+                         "config; vtc compresses the visual tokens of images.",
+                         "Add the checkpoint's preprocessor_config.json (its image processor), as the published "
+                         "checkpoint has it.")
     raise ModelError(f"{str(d)!r} has no image processor config (preprocessor_config.json, or processor_config.json "
                      "with an 'image_processor' entry).", "Save the checkpoint's processor with save_pretrained.")
 

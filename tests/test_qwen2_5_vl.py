@@ -271,6 +271,23 @@ def test_image_size_not_a_multiple_of_28_is_refused(ckpts, tmp_path, size, words
     assert words in str(err.value) + err.value.fix
 
 
+def test_video_only_checkpoint_is_refused(ckpts, tmp_path):
+    """A checkpoint with a video processor but no image processor: one ModelError that says so, nothing written."""
+    import shutil
+
+    from vtc.export.build import BuildArgs, prepare
+    from vtc.runtime.errors import ModelError
+
+    ckpt = tmp_path / "video-only"
+    shutil.copytree(ckpts["qwen25-tied"], ckpt)
+    cfg = (ckpt / "preprocessor_config.json").read_text().replace("Qwen2VLImageProcessor", "Qwen2VLVideoProcessor")
+    (ckpt / "video_preprocessor_config.json").write_text(cfg)
+    (ckpt / "preprocessor_config.json").unlink()
+    with pytest.raises(ModelError, match="only video settings") as err:
+        prepare(BuildArgs(model=str(ckpt), output=str(tmp_path / "o")), nullstep)
+    assert "preprocessor_config.json" in err.value.fix and not (tmp_path / "o").exists()
+
+
 def test_image_size_refused_for_fixed_size_architectures(tiny_checkpoints, tmp_path):
     from vtc.export.build import BuildArgs, prepare
 

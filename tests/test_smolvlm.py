@@ -1,10 +1,11 @@
 """SmolVLM / Idefics3 (issue 17): preprocessing, prompt expansion and generation against HF's own code.
 
 Tiny random checkpoints of the real HF classes (tests/helpers/tiny.py TINY_IDEFICS3), every matrix re-drawn
-normal(0, 0.2) so greedy tokens depend on the image. The global-image parity checks run PARITY_MATRIX's SmolVLM /
-Idefics3 rows (tests/helpers/matrix.py); the methods these architectures refuse are checked in test_registries.py. HF's side is what a transformers user runs: the PIL image
+normal(0, 0.2) so greedy tokens depend on the image. HF's side is what a transformers user runs: the PIL image
 processor (SmolVLMImageProcessorPil / Idefics3ImageProcessorPil), the prompt string processing_smolvlm.py builds
 (Idefics3Processor itself where it can be constructed: SmolVLMProcessor needs torchvision) and `generate`.
+The global-image parity checks run PARITY_MATRIX's SmolVLM / Idefics3 rows (tests/helpers/matrix.py); the methods
+these architectures refuse are checked in test_registries.py (matrix.REFUSED).
 """
 
 from __future__ import annotations
@@ -342,9 +343,9 @@ def test_calibrate_cli_at_the_tiled_layout(ckpts, tmp_path, capsys):
     scales = {}
     for splits in (["2", "2"], ["0"]):
         out = tmp_path / f"kv-{'x'.join(splits)}.json"
-        assert main(["calibrate", "--model", str(ckpt), "--method", "pool", "--ratio", "0.25", "--image-splits", *splits,
-                     "--calib-images", str(images), "--calib-prompts", str(prompts), "--output", str(out)]) == 0, \
-            capsys.readouterr().err
+        rc = main(["calibrate", "--model", str(ckpt), "--method", "pool", "--ratio", "0.25", "--image-splits", *splits,
+                   "--calib-images", str(images), "--calib-prompts", str(prompts), "--output", str(out)])
+        assert rc == 0, capsys.readouterr().err
         scales["x".join(splits)] = out
     tiled, single = (json.loads(scales[k].read_text()) for k in ("2x2", "0"))
     assert (tiled["compression"]["k_visual"], single["compression"]["k_visual"]) == (20, 4)

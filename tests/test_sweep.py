@@ -180,6 +180,9 @@ def test_sweep_tiled_smolvlm(tmp_path, tiny_checkpoints, capsys):
     err = capsys.readouterr().err
     assert "'fastv' does not apply" in err and "one contiguous block" in err and not out.exists()
     assert "pool" in err.split("apply to it:")[1] and "fastv" not in err.split("apply to it:")[1]
+    with pytest.raises(sw.UsageError, match="--image-splits does not apply to llava"):  # a fixed-size architecture
+        sw.sweep(sweep_args(tiny_checkpoints["mha-default"], tmp_path / "llava", image_splits=(2, 2)))
+    assert not (tmp_path / "llava").exists()
 
     assert main(["sweep", "--methods", "pool", *tiled]) == 0, capsys.readouterr().err
     rows = {r["variant"]: r for r in json.loads((out / "sweep.json").read_text())["rows"]}

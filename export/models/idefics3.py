@@ -198,6 +198,11 @@ class Idefics3Adapter(Adapter):
         embeds = torch.cat(list(hf.pooler_output), 0)
         return VisualFeatures(embeds=embeds.reshape(b, -1, embeds.shape[-1]))
 
+    def prompt_positions(self, model, before: list[int], kept: list[int], after: list[int]) -> torch.Tensor:
+        """1-D positions over the whole merged prompt, the per-tile text between image blocks included."""
+        between = sum(len(t) for t in model.vtc_between_ids)
+        return self.position_ids(len(before) + len(kept) + between + len(after))
+
     def reference_generate_inputs(self, model, before: list[int], after: list[int], pixel_values) -> dict:
         """input_ids with each image token repeated n times, as the processor expands it, and the pixels."""
         b, _, t, _ = pixel_values.shape
