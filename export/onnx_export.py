@@ -154,7 +154,8 @@ class ExportVision(GraphLoader):
 
     def cache_key(self, filename: str) -> str | None:
         shape = self.graph.adapter.pixel_shape(self.graph.model)
-        return graph_cache.vision_key(self.graph, self.image_size if shape[0] == 1 else list(shape), filename)
+        square = shape[0] == 1 and shape[2] == shape[3]  # else the whole shape (tiles; Qwen2-VL's H x W)
+        return graph_cache.vision_key(self.graph, self.image_size if square else list(shape), filename)
 
 
 def llm_io_names(first: int, end: int, head: bool) -> tuple[list[str], list[str]]:

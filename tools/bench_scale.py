@@ -172,7 +172,9 @@ def bench(llm_layers: int, root: Path, threads: int) -> dict:
 def _fits(weights: int) -> str | None:
     """Why ONNX Runtime cannot open the artifact on this host (None: it can): its CPU provider runs fp16 graphs
     in float32, so it needs about 2x the fp16 weight bytes."""
-    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    from vtc.export.build import _available_bytes
+
+    avail = _available_bytes()  # MemAvailable: free memory plus the page cache the kernel can drop
     if 2 * weights > 0.9 * avail:
         return (f"ONNX Runtime's CPU provider computes fp16 graphs in float32: about {2 * weights / 2**30:.1f} GiB of "
                 f"weights, this host has {avail / 2**30:.1f} GiB available")
