@@ -261,6 +261,7 @@ def _write_artifact(tmp: Path, bp: BuildPlan, step: Callable, cache: Path | None
     args = bp.args
     if _lean(bp):
         _lean_allocator()
+    awq = wquant.prepare(bp, step)  # --weights-algo awq: scales searched and folded into the model before export
     kv = kvquant.plan(tmp, bp, step)
     graphs = {}
     for name, loader in graph_loaders(bp, kv.quant, cache).items():
@@ -271,20 +272,33 @@ def _write_artifact(tmp: Path, bp: BuildPlan, step: Callable, cache: Path | None
     lint = trt_build.lint_step(tmp, graphs, args.backend, step)  # fatal only for --backend tensorrt
     with step("writing tokenizer, preprocessing and embeddings"):
         side = assets.write(tmp, bp.src, bp.adapter, bp.model)
-    draft = _manifest(bp, kv, graphs, side, parity={}, files={})
+    draft = _manifest(bp, kv, graphs, side, parity={}, files={}, weights=weights)
+    skipped = {"skipped": "memory-lean build: the PyTorch model was freed before the runtime opened; measure it "
+                          "with `vtc-export verify` on a host with more memory"}
     if _lean(bp):
         report = _lean_parity(tmp, bp, kv, draft, step)
         if kv.quantized:
-            kv.accuracy = {"skipped": "memory-lean build: the PyTorch model was freed before the runtime opened; "
-                                      "measure it with `vtc-export verify` on a host with more memory"}
+            kv.accuracy = dict(skipped)
+        if weights is not None:
+            weights.accuracy = dict(skipped)
     else:
+        if bp.dtype == "fp32":
+            ref = bp
+        elif awq:  # the AWQ-scaled weights exactly as exported, in float32
+            ref = dataclasses.replace(bp, model=bp.model.float())
+        else:  # HF, float32, from the checkpoint
+            ref = dataclasses.replace(bp, model=bp.adapter.load(bp.src))
+        vlm = VLM(tmp, manifest=draft, backend=_check_backend(bp))
+        if weights is not None:
+            with step(f"measuring {args.weights} weights' accuracy vs float weights on held-out pairs"):
+                weights.accuracy = wquant.accuracy(vlm, ref)
+            wquant.fake_quantize(ref)  # parity holds the graph to HF on exactly the weights it stores
         with step(f"checking parity against PyTorch float32 ({args.parity_tokens} greedy tokens)"):
-            ref = bp if bp.dtype == "fp32" else dataclasses.replace(bp, model=bp.adapter.load(bp.src))  # HF, float32
-            vlm = VLM(tmp, manifest=draft, backend=_check_backend(bp))
             report = parity.check(tmp, ref.adapter, ref.model, ref.method, ref.plan, ref.spec,
                                   max_new_tokens=args.parity_tokens, vlm=vlm, kv_dtype=KV_DTYPES[bp.kv_cache],
                                   graph_dtype=DTYPES[bp.dtype])
-            report["reference"] = "HF transformers, float32"
+            report["reference"] = "HF transformers, float32" + (
+                f", on the {args.weights} weights the graphs store (dequantized)" if weights is not None else "")
             report["scope"] = {"vision": "full", "llm": "full"}
             parity.raise_if_failed(report)
         if kv.quantized:
@@ -294,7 +308,8 @@ def _write_artifact(tmp: Path, bp: BuildPlan, step: Callable, cache: Path | None
     engines = trt_build.engine_step(tmp, graphs, bp.engine, step)  # None for onnxruntime
     # the draft's model facts (the model itself may have been released), plus what the checks added
     final = dataclasses.replace(draft, parity=report, files=mf.file_table(tmp), engines=engines,
-                                kv_cache=kv.info(bp.lm, args.max_seq_len))
+                                kv_cache=kv.info(bp.lm, args.max_seq_len),
+                                weights=weights.info() if weights is not None else None)
     (tmp / mf.MANIFEST).write_text(final.to_json())  # last: its presence marks a complete artifact
     return final, lint
 
@@ -383,9 +398,12 @@ def _probe_manifest(tmp: Path, bp: BuildPlan, kv, draft, keep: list[int], step: 
     graphs = dict(draft.graphs)
     with step(f"exporting the parity probe: LLM layers {', '.join(map(str, keep))} of {bp.lm.num_layers} (the "
               "whole LLM does not fit this host's memory in ONNX Runtime)"):
-        for name, loader in graph_loaders(probe, sub.quant).items():
-            if name != "vision":
-                graphs[name] = loader(tmp / f"probe_{name}.onnx")
+        probed = {name: loader(tmp / f"probe_{name}.onnx") for name, loader in graph_loaders(probe, sub.quant).items()
+                  if name != "vision"}
+    from vtc.export import wquant
+
+    wquant.quantize_step(tmp, probe, probed, step)  # --weights int8|int4: as the artifact's LLM graphs
+    graphs.update(probed)
     comp = dataclasses.replace(draft.compression,
                                kv_visual_per_layer=bp.method.kv_visual_per_layer(bp.plan, lm.num_layers))
     return dataclasses.replace(draft, lm=mf.LMInfo(**asdict(lm)), graphs=graphs, compression=comp,
@@ -407,12 +425,16 @@ def _lean_parity(tmp: Path, bp: BuildPlan, kv, draft, step: Callable) -> dict:
     from vtc.runtime.pipeline import VLM
 
     n = bp.args.parity_tokens
-    backend = _check_backend(bp) or OrtBackend(memory_arena=False)
+    backend = _check_backend(bp) or OrtBackend(memory_arena=False, **_ort_check_options(bp))
     vlm = VLM(tmp, manifest=draft, backend=backend, open_graphs=False)
     prompt, pixels = parity.parity_inputs(vlm)
     parity.check_tokens_fit(vlm, prompt, n, "--parity-tokens")
     keep = probe_layers(bp)
     manifest = draft if keep is None else _probe_manifest(tmp, bp, kv, draft, keep, step)
+    if bp.args.weights != "fp":
+        from vtc.export import wquant
+
+        wquant.fake_quantize(bp)  # the reference runs on exactly the weights the graphs store
     with step(f"PyTorch reference, float32 compute on the {bp.dtype} weights ({n} greedy tokens; then freed)"):
         with float32_compute(bp.model):
             ref = parity.reference(bp.adapter, bp.model, bp.method, bp.plan, bp.spec, prompt, pixels, n)
@@ -445,8 +467,18 @@ def _check_backend(bp: BuildPlan):
     """The backend the build's checks run the artifact on: ONNX Runtime (CPU), or ONNX's reference
     evaluator for graphs ONNX Runtime's CPU kernels cannot run (bf16; vtc.export.onnx_reference)."""
     from vtc.export.onnx_reference import OnnxReferenceBackend, needs_reference
+    from vtc.runtime.backend import OrtBackend
 
-    return OnnxReferenceBackend() if needs_reference(DTYPES[bp.dtype]) else None
+    if needs_reference(DTYPES[bp.dtype]):
+        return OnnxReferenceBackend()
+    return OrtBackend(**_ort_check_options(bp)) if _ort_check_options(bp) else None
+
+
+def _ort_check_options(bp: BuildPlan) -> dict:
+    """Quantized weights are checked with ONNX Runtime's MatMulNBits at accuracy level 1 (float32 activations:
+    the graph's own math, within 1e-6 of HF on the stored weights); `run` keeps ORT's default, which also
+    quantizes activations to int8 on CPUs with VNNI (measured ~1e-4 in logits cosine; weights.accuracy)."""
+    return {"matmul_accuracy_level": 1} if bp.args.weights != "fp" else {}
 
 
 def graph_loaders(bp: BuildPlan, kvq, cache: Path | None = None) -> dict:
@@ -485,7 +517,7 @@ def graph_loaders(bp: BuildPlan, kvq, cache: Path | None = None) -> dict:
     return {n: Cached(ld, cache) for n, ld in loaders.items()} if cache is not None else loaders
 
 
-def _manifest(bp: BuildPlan, kv, graphs, side: dict, parity: dict, files: dict, engines=None):
+def _manifest(bp: BuildPlan, kv, graphs, side: dict, parity: dict, files: dict, engines=None, weights=None):
     import vtc.export as pkg
     from vtc.runtime import manifest as mf
 
@@ -507,4 +539,4 @@ def _manifest(bp: BuildPlan, kv, graphs, side: dict, parity: dict, files: dict, 
                          tokenizer_as_is=bp.adapter.tokenizer_as_is, image_prompt=side.get("image_prompt")),
         kv_cache=kv.info(lm, bp.args.max_seq_len),
         graphs=graphs, embeddings=side["embeddings"], preprocess=side["preprocess"], parity=parity, files=files,
-        engines=engines, dtype=DTYPES[bp.dtype])
+        engines=engines, dtype=DTYPES[bp.dtype], weights=weights.info() if weights is not None else None)

@@ -35,9 +35,31 @@ def verify(artifact_dir: Path, tokens: int = 32, model_dir: str | None = None, s
     method = methods.get(m.compression.method)  # a registered method, built-in or plugin
     plan = Plan(method=m.compression.method, ratio=m.compression.ratio, n=m.compression.n_visual,
                 k=m.compression.k_visual, options=dict(m.compression.options))
+    backend = None
+    if m.weights is not None:  # held to HF on exactly the weights the graphs store, as the build was
+        backend = _quantized_reference(m, adapter, model)
     with step(f"comparing graphs and {tokens} greedy tokens against PyTorch"):
-        vlm = VLM(artifact_dir, check_files=False)
+        vlm = VLM(artifact_dir, check_files=False, backend=backend)
         return parity.check(artifact_dir, adapter, model, method, plan, spec, max_new_tokens=tokens, vlm=vlm)
+
+
+def _quantized_reference(m, adapter, model):
+    """Quantize the float32 reference's LLM weights as the artifact stores them (vtc.export.wquant.fake_quantize)
+    and return the backend the build checked it on (MatMulNBits at accuracy level 1)."""
+    from types import SimpleNamespace
+
+    from vtc.export import wquant
+    from vtc.runtime.backend import OrtBackend
+
+    w = m.weights
+    if w.algo != "rtn":
+        raise ModelError(f"this artifact's {w.dtype} weights were AWQ-scaled at build time; the source checkpoint "
+                         "does not hold those scales, so verify cannot rebuild the reference.",
+                         "Rely on the build's parity report (`vtc-export inspect`), or rebuild with --weights-algo rtn "
+                         "to verify against the checkpoint.")
+    args = SimpleNamespace(weights=w.dtype, group_size=w.group_size, weights_algo=w.algo)
+    wquant.fake_quantize(SimpleNamespace(args=args, model=model, adapter=adapter))
+    return OrtBackend(matmul_accuracy_level=1)
 
 
 # verify holds the float32 PyTorch model (4 bytes per parameter) and ONNX Runtime's float32 sessions (~5 bytes

@@ -47,6 +47,7 @@ ALGOS = ("rtn", "awq")
 LLM_GRAPHS = ("llm", "llm_pre", "llm_post")
 QRANGE = {"int8": (-127, 127), "int4": (-8, 7)}  # symmetric: s = absmax / QRANGE[1]
 INT4_OPSET = 21  # DequantizeLinear-21: int4 and block_size
+HALF_SCALE_OPSET = 19  # DequantizeLinear-19: float16 / bfloat16 scales (int8 weights of an fp16/bf16 graph)
 INT4_IR_VERSION = 10  # INT4 tensors
 MIN_GROUP = 16  # ONNX Runtime's MatMulNBits takes block sizes 16, 32, 64, ... (powers of two >= 16)
 CHUNK_ELEMENTS = 1 << 24  # rows per read: ~64 MB of float32 at a time
@@ -424,9 +425,12 @@ def quantize_graph(path: Path, dtype: str, group_size: int = 128, lm_head: bool 
         raise UsageError(f"--group-size {group} does not divide the input dim {bad[0].k} of {path.name}'s linear "
                          f"layer {bad[0].name!r}.", f"Pass a --group-size that divides {bad[0].k}.")
     opset = _opset(model)
-    if dtype == "int4" and opset < INT4_OPSET:
-        _check_opset_bump(model, opset, INT4_OPSET, path.name)
-    result = GraphResult(opset=max(opset, INT4_OPSET) if dtype == "int4" else opset)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    half = any(types.get(lin.name, 1) != 1 for lin in linears)  # fp16/bf16 scales: DequantizeLinear-19 and up
+    need = INT4_OPSET if dtype == "int4" else HALF_SCALE_OPSET if half else opset
+    if opset < need:
+        _check_opset_bump(model, opset, need, path.name)
+    result = GraphResult(opset=max(opset, need))
     result.data_bytes_before = _data_bytes(path.parent, model)
     _rewrite(path, model, {lin.name: lin for lin in linears}, dtype, group, result, clips if group else None)
     return result
@@ -442,9 +446,10 @@ def _check_opset_bump(model, old: int, new: int, name: str) -> None:
     for op in sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}):
         if defs.get_schema(op, old).since_version != defs.get_schema(op, new).since_version \
                 and op not in SAME_MEANING_18_TO_21:
-            raise ExportError(f"{name} uses {op}, whose definition changed between opset {old} and {new}; int4 "
-                              f"weights need opset {new} (DequantizeLinear block_size).",
-                              "Build with --weights int8 (opset unchanged), or report the model config.")
+            raise ExportError(f"{name} uses {op}, whose definition changed between opset {old} and {new}; the "
+                              f"quantized weights need opset {new} (DequantizeLinear: int4 blocks from 21, "
+                              "float16/bfloat16 scales from 19).",
+                              "Build with --weights int8 --dtype fp32 (opset unchanged), or report the model config.")
 
 
 def _data_bytes(directory: Path, model) -> int:

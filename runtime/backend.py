@@ -44,13 +44,15 @@ class GraphSession:
 
 class OrtSession(GraphSession):
     def __init__(self, path: Path, spec: GraphSpec, threads: int | None, provider: str = "cpu", spin: bool = True,
-                 memory_arena: bool = True):
+                 memory_arena: bool = True, matmul_accuracy_level: int | None = None):
         super().__init__(spec)
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.enable_cpu_mem_arena = memory_arena  # see OrtBackend
+        if matmul_accuracy_level is not None:  # quantized weights (MatMulNBits): see OrtBackend
+            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(matmul_accuracy_level))
         if threads:
             opts.intra_op_num_threads = threads
         if not spin:  # see OrtBackend.prepare
@@ -67,7 +69,9 @@ class OrtSession(GraphSession):
             # extended-level QDQ transformers move Transposes in front of DequantizeLinear onto float8 tensors,
             # which have no CPU Transpose kernel. Such graphs run with basic optimizations (FP8 is a TensorRT /
             # SM 8.9+ feature; on CPU it runs for verification).
-            disabled = ["ClipQuantRewrite"]
+            # QDQS8ToU8Transformer: with opset 21 (int4 weights) and an int8 KV cache it rewrites the cache's int8
+            # QuantizeLinear to a uint8 one whose zero point no longer matches (session creation fails).
+            disabled = ["ClipQuantRewrite", "QDQS8ToU8Transformer"]
             if any(t.dtype == "float8_e4m3fn" for t in spec.inputs):
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             self.session = ort.InferenceSession(str(path), opts, providers=providers, disabled_optimizers=disabled)
@@ -157,12 +161,16 @@ def env_threads() -> int | None:
 class OrtBackend:
     name = "onnxruntime"
 
-    def __init__(self, threads: int | None = None, provider: str = "cpu", memory_arena: bool = True):
+    def __init__(self, threads: int | None = None, provider: str = "cpu", memory_arena: bool = True,
+                 matmul_accuracy_level: int | None = None):
         """`memory_arena=False`: activations are freed after each run instead of kept in ONNX Runtime's CPU
-        arena (which grows in power-of-two chunks): the memory-lean build's check, whose peak counts."""
+        arena (which grows in power-of-two chunks): the memory-lean build's check, whose peak counts.
+        `matmul_accuracy_level`: MatMulNBits' compute type for quantized weights (None: ORT's default, which
+        quantizes activations to int8 where the CPU has VNNI; 1: float32, the build's parity check)."""
         self.threads = check_threads(threads) or env_threads()
         self.provider = provider
         self.memory_arena = memory_arena
+        self.matmul_accuracy_level = matmul_accuracy_level
         self.fallback: str | None = None  # why a session runs on another provider than asked
         self.spin = True
 
@@ -175,7 +183,7 @@ class OrtBackend:
 
     def open(self, artifact_dir: Path, spec: GraphSpec) -> GraphSession:
         session = OrtSession(Path(artifact_dir) / spec.file, spec, self.threads, self.provider, self.spin,
-                             self.memory_arena)
+                             self.memory_arena, self.matmul_accuracy_level)
         self.fallback = self.fallback or session.fallback
         return session
 

@@ -1,0 +1,65 @@
+"""`build --weights int8|int4` end to end (issue 14): the build quantizes the LLM graphs, holds them to HF on
+exactly the weights they store (parity), measures them against float weights (the manifest's accuracy report),
+and `verify` repeats the check from the checkpoint. Combined with an in-LLM method and an int8 KV cache, and
+through the memory-lean parity probe. The pass itself is tested in test_wquant.py, AWQ in test_awq.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers.builds import nullstep
+from vtc.export import build as build_mod
+from vtc.export.build import BuildArgs, build
+from vtc.runtime import load_manifest
+
+
+def _build(src, out, **kw):
+    args = BuildArgs(model=str(src), output=str(out), max_seq_len=256, text_budget=48, **kw)
+    return build(args, nullstep)
+
+
+def test_int4_with_fastv_and_int8_kv_in_one_build_then_verify(tiny_checkpoints, tmp_path):
+    from vtc.export.verify import verify
+
+    built = _build(tiny_checkpoints["mha-default"], tmp_path / "a", method="fastv", ratio=0.25, method_options={"layer": "1"}, weights="int4",
+                   group_size=32, kv_cache="int8")
+    m = load_manifest(built.path)
+    w = m.weights
+    assert w.dtype == "int4" and w.group_size == 32 and w.algo == "rtn" and w.layers == 14  # 2 layers x 7
+    assert 0 < w.bytes_after < 0.3 * w.bytes_before
+    assert w.accuracy["logits_cosine_median"] > 0.9, w.accuracy  # vs float weights, held-out pairs
+    assert m.parity["ok"] and "int4 weights" in m.parity["reference"]
+    assert m.kv_cache.dtype == "int8" and m.kv_cache.accuracy
+    assert verify(built.path, tokens=6)["ok"]
+
+
+def test_awq_build_is_checked_on_the_scaled_weights(tiny_checkpoints, tmp_path):
+    built = _build(tiny_checkpoints["gqa-full"], tmp_path / "a", weights="int4", group_size=32, weights_algo="awq",
+                   ratio=1.0, method="none")
+    m = load_manifest(built.path)
+    assert m.weights.algo == "awq" and m.weights.awq and m.parity["ok"]
+    assert m.parity["greedy_tokens"]["equal"]
+
+
+def test_int8_weights_through_the_lean_probe(tiny_checkpoints, tmp_path, monkeypatch):
+    """A 7B build checks a probe of the first and last layers: quantized like the artifact's LLM graph."""
+    monkeypatch.setattr(build_mod, "LEAN_ABOVE_BYTES", 0)
+    monkeypatch.setattr(build_mod, "_available_bytes", lambda: 0)
+    built = _build(tiny_checkpoints["mqa-layer-1"], tmp_path / "a", weights="int8", dtype="fp16")
+    m = load_manifest(built.path)
+    assert m.parity["ok"] and m.parity["scope"]["llm_layers_checked"] == [0, 2]
+    assert m.weights.layers == 21 and "skipped" in m.weights.accuracy  # 3 layers x 7; the model was freed
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--weights", "int4", "--group-size", "48"], "group"),
+    (["--weights-algo", "awq"], "awq"),
+])
+def test_bad_weight_flags_exit_2_before_any_export(argv, message, tiny_checkpoints, tmp_path, capsys):
+    from vtc.export.cli import main
+
+    code = main(["build", "--model", str(tiny_checkpoints["mha-default"]), "--output", str(tmp_path / "a"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err.lower() and "Traceback" not in err
+    assert not (tmp_path / "a").exists()
