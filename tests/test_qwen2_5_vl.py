@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from tests.helpers.builds import nullstep
+from tests.helpers.matrix import parity_cases
 from tests.helpers.subprocs import vtc_export_cmd
 from tests.helpers.tiny import TINY_QWEN, write_tiny_qwen
 from vtc.export import methods, models
@@ -199,19 +200,20 @@ def test_mrope_positions_equal_hf_get_rope_index(ckpts):
 
 
 # -- 5. every applicable method at 0.25 == the PyTorch reference (same selection, same positions) ----------------
-@pytest.mark.parametrize("method", APPLICABLE)
-def test_applicable_method_at_quarter_equals_reference(build_art, ckpts, method):
-    name = "qwen25-windows"
-    vlm = VLM(build_art(name, method, 0.25))
+@pytest.mark.parametrize("case", parity_cases(*APPLICABLE, model_types=("qwen2_5_vl", "qwen2_vl")), ids=str)
+def test_applicable_method_at_quarter_equals_reference(build_art, ckpts, case):
+    name, method = case.config, case.method
+    vlm = VLM(build_art(name, method, case.ratio))
     report = vlm.manifest.parity
     assert report["ok"] and report["greedy_tokens"]["equal"] and report["new_tokens"] == NEW_TOKENS
     adapter = _adapter(name, ckpts[name])
     model = adapter.load(ckpts[name])
     spec = adapter.visual_spec(model)
     m = methods.get(method)
-    plan = m.plan(spec, 0.25, dict(LAYER_1.get(method, {})))
-    assert plan.k == vlm.manifest.compression.k_visual == 12  # 48 merged tokens (6 x 8): pool 2x2, others 0.25 * 48
-    prompt, pixels = vlm.prepare_prompt(PROMPT), vlm.prepare_image(_image(5, (168, 224)))
+    plan = m.plan(spec, case.ratio, dict(case.options))
+    # qwen25-windows: 48 merged tokens (6 x 8) -> 12; qwen2-vl: 16 (4 x 4) -> 4 (pool 2x2, the others 0.25 * N)
+    assert plan.k == vlm.manifest.compression.k_visual == spec.num_tokens // 4
+    prompt, pixels = vlm.prepare_prompt(PROMPT), vlm.prepare_image(_image(5, TINY_QWEN[name][2]))
     ref = reference_generate(adapter, model, m, plan, spec, torch.from_numpy(pixels), prompt.before, prompt.after,
                              NEW_TOKENS)
     res = vlm.generate_from(pixels, prompt, NEW_TOKENS, ignore_eos=True)

@@ -90,12 +90,24 @@ PARITY_MATRIX: tuple[ParityCase, ...] = (
     ParityCase("idefics3-mqa", "fastv", 0.25, _LAYER_1),
     ParityCase("smolvlm-gqa", "tokencarve", 0.25, _LAYER_1),
     ParityCase("idefics3-mqa", "tokencarve", 0.25, _LAYER_1),
+    # Qwen2.5-VL / Qwen2-VL at their built --image-size (tests/helpers/tiny.py TINY_QWEN; test_qwen2_5_vl.py:
+    # "none" = HF generate fed by HF's processor on every config, the others = the PyTorch reference with the same
+    # selection and M-RoPE positions). qwen25-windows has 3 LLM layers, qwen2-vl 2 (split at layer 1).
+    ParityCase("qwen25-tied", "none", 1.0),
+    ParityCase("qwen25-windows", "none", 1.0),
+    ParityCase("qwen2-vl", "none", 1.0),
+    *(ParityCase("qwen25-windows", m, 0.25, _LAYER_1 if m in ("fastv", "tokencarve") else {})
+      for m in ("pool", "random", "uniform", "divprune", "fastv", "tokencarve")),
+    *(ParityCase("qwen2-vl", m, 0.25, _LAYER_1 if m in ("fastv", "tokencarve") else {})
+      for m in ("pool", "random", "uniform", "divprune", "fastv", "tokencarve")),
 )
 
 # Methods that need a vision [CLS] token (cls-attn, VisionZip, ToMe) do not apply to SigLIP without one.
 REFUSED: dict[str, tuple[str, ...]] = {
     "smolvlm": ("cls-attn", "visionzip", "tome"),
     "idefics3": ("cls-attn", "visionzip", "tome"),
+    "qwen2_5_vl": ("cls-attn", "visionzip", "tome"),
+    "qwen2_vl": ("cls-attn", "visionzip", "tome"),
 }
 
 # tests/test_lint.py lints LINT_CONFIG's artifact of each method at LINT_RATIO (see its `method_artifact`).

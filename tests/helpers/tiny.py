@@ -22,6 +22,8 @@ TINY_BY_MODEL_TYPE: dict[str, tuple[str, ...]] = {
     "llava": ("mha-default", "gqa-full", "mqa-layer-1"),
     "smolvlm": ("smolvlm-gqa",),
     "idefics3": ("idefics3-mqa",),
+    "qwen2_5_vl": ("qwen25-tied", "qwen25-windows"),
+    "qwen2_vl": ("qwen2-vl",),
 }
 
 
@@ -71,13 +73,15 @@ def write_tiny_idefics3(root, name: str):
 
 
 # Every tiny config conftest.py writes (`tiny_checkpoints`), of every architecture.
-ALL_TINY: tuple[str, ...] = (*TINY, *TINY_IDEFICS3)
+ALL_TINY: tuple[str, ...] = (*TINY, *TINY_IDEFICS3, "qwen25-tied", "qwen25-windows", "qwen2-vl")
 
 
 def write_tiny(root, name: str):
     """Write the tiny checkpoint `name` (any of ALL_TINY) under `root` with its architecture's writer."""
     if name in TINY_IDEFICS3:
         return write_tiny_idefics3(root, name)
+    if name.startswith("qwen"):  # TINY_QWEN, defined below
+        return write_tiny_qwen(root, name)
     from vtc.export.random_llava import write_random_llava
 
     spec, seed = TINY[name]
@@ -86,8 +90,7 @@ def write_tiny(root, name: str):
 
 # Qwen2.5-VL / Qwen2-VL (ViT with 2-D RoPE, no [CLS]; windowed attention; 2x2 patch merger; Qwen2 LM with M-RoPE):
 # tests/test_qwen2_5_vl.py writes them with vtc.export.random_qwen (every matrix normal(0, 0.2)). name: (spec, seed,
-# the build's --image-size). Not yet in TINY_BY_MODEL_TYPE / the parity matrix (to wire: "qwen2_5_vl":
-# ("qwen25-tied", "qwen25-windows"), "qwen2_vl": ("qwen2-vl",)).
+# the build's --image-size). In ALL_TINY, TINY_BY_MODEL_TYPE and the parity matrix.
 def _qwen_specs():
     from vtc.export.random_qwen import RandomQwenSpec
 
