@@ -425,7 +425,10 @@ def _lean_parity(tmp: Path, bp: BuildPlan, kv, draft, step: Callable) -> dict:
     from vtc.runtime.pipeline import VLM
 
     n = bp.args.parity_tokens
-    backend = _check_backend(bp) or OrtBackend(memory_arena=False, **_ort_check_options(bp))
+    from vtc.export.onnx_reference import OnnxReferenceBackend, needs_reference
+
+    backend = (OnnxReferenceBackend() if needs_reference(DTYPES[bp.dtype]) else
+               OrtBackend(memory_arena=False, **_ort_check_options(bp)))
     vlm = VLM(tmp, manifest=draft, backend=backend, open_graphs=False)
     prompt, pixels = parity.parity_inputs(vlm)
     parity.check_tokens_fit(vlm, prompt, n, "--parity-tokens")
