@@ -63,22 +63,10 @@ class RandomQwenSpec:
     extra: dict = field(default_factory=dict)
 
 
-def _train_tokenizer(size: int):
-    """A byte-level BPE (Qwen2's kind of tokenizer) trained on CORPUS, specials first (ids 0..)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=[AddedToken(t, special=True, normalized=False)
-                                                                   for t in SPECIALS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
-    return tok
-
-
 def _save_tokenizer(out: Path, size: int) -> dict[str, int]:
-    tok = _train_tokenizer(size)
+    from vtc.export.wordtok import train_byte_level_bpe
+
+    tok = train_byte_level_bpe(CORPUS, SPECIALS, size)
     tok.save(str(out / "tokenizer.json"))
     added = {str(i): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False,
                       "single_word": False, "special": True} for i, t in sorted(tok.get_added_tokens_decoder().items())}

@@ -91,3 +91,19 @@ def save_word_level_tokenizer(out_dir: Path, words: list[str], chat_template: st
         raise ExportError(f"Cannot write the tokenizer to {str(out)!r}: {err}.",
                           "Check the output directory is writable and has free space.") from err
     return tok.get_vocab_size(with_added_tokens=True)
+
+
+def train_byte_level_bpe(corpus: str, specials, size: int) -> Tokenizer:
+    """A byte-level BPE (the kind SmolLM2 and Qwen2 use) of `size` tokens trained on `corpus`, `specials`
+    first (ids 0..): the tokenizers of the tiny random SmolVLM / Qwen checkpoints."""
+    from tokenizers import decoders, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=[AddedToken(t, special=True, normalized=False)
+                                                                   for t in specials],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([corpus] * 4, trainer=trainer)
+    return tok
+

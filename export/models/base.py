@@ -217,10 +217,15 @@ class Adapter:
         raise NotImplementedError
 
     def lm_spec(self, model) -> LMSpec:
-        raise NotImplementedError
+        """The LM's cache-sizing shapes, from the text config and the decoder `static_cache_lm` wraps."""
+        t = model.config.get_text_config()
+        attn = self.static_cache_lm(model).decoder.layers[0].self_attn
+        return LMSpec(num_layers=t.num_hidden_layers, num_heads=t.num_attention_heads,
+                      num_kv_heads=t.num_key_value_heads, head_dim=int(attn.head_dim), hidden_size=t.hidden_size,
+                      vocab_size=t.vocab_size, rope=self.rope)
 
     def image_token_id(self, model) -> int:
-        raise NotImplementedError
+        return int(model.config.image_token_id)
 
     def image_size(self, model) -> int:
         raise NotImplementedError

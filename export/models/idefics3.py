@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from vtc.export.llm import StaticCacheLM
-from vtc.export.models.base import Adapter, LMSpec, VisualFeatures, VisualSpec, load_hf
+from vtc.export.models.base import Adapter, VisualFeatures, VisualSpec, load_hf
 from vtc.runtime.errors import ModelError
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -113,16 +113,6 @@ class Idefics3Adapter(Adapter):
         return VisualSpec(num_tokens=g * g * b, grid=(g * b, g), has_cls=False, cls_attention=False,
                           embed_dim=cfg.text_config.hidden_size, feature_layers=(cfg.vision_config.num_hidden_layers,),
                           images=b)
-
-    def lm_spec(self, model) -> LMSpec:
-        t = model.config.text_config
-        attn = model.model.text_model.layers[0].self_attn
-        return LMSpec(num_layers=t.num_hidden_layers, num_heads=t.num_attention_heads,
-                      num_kv_heads=t.num_key_value_heads, head_dim=int(attn.head_dim),
-                      hidden_size=t.hidden_size, vocab_size=t.vocab_size)
-
-    def image_token_id(self, model) -> int:
-        return int(model.config.image_token_id)
 
     def image_size(self, model) -> int:
         return int(model.config.vision_config.image_size)

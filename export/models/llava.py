@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from vtc.export.llm import StaticCacheLM
-from vtc.export.models.base import Adapter, LMSpec, VisionStem, VisualFeatures, VisualSpec, load_hf
+from vtc.export.models.base import Adapter, VisionStem, VisualFeatures, VisualSpec, load_hf
 from vtc.export.models.clip import ClipBlock
 from vtc.runtime.errors import ModelError
 
@@ -48,16 +48,6 @@ class LlavaAdapter(Adapter):
                           has_cls=full and has_cls_token, cls_attention=has_cls_token,
                           embed_dim=model.config.text_config.hidden_size,
                           feature_layers=tuple(_positive_layers(model.config.vision_feature_layer, vcfg.num_hidden_layers)))
-
-    def lm_spec(self, model) -> LMSpec:
-        t = model.config.text_config
-        attn = model.model.language_model.layers[0].self_attn
-        return LMSpec(num_layers=t.num_hidden_layers, num_heads=t.num_attention_heads,
-                      num_kv_heads=t.num_key_value_heads, head_dim=int(attn.head_dim),
-                      hidden_size=t.hidden_size, vocab_size=t.vocab_size)
-
-    def image_token_id(self, model) -> int:
-        return int(model.config.image_token_id)
 
     def image_size(self, model) -> int:
         return int(model.config.vision_config.image_size)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from vtc.export.llm import StaticCacheLM
-from vtc.export.models.base import Adapter, LMSpec, VisualFeatures, VisualSpec, load_hf
+from vtc.export.models.base import Adapter, VisualFeatures, VisualSpec, load_hf
 from vtc.runtime.errors import ModelError, UsageError
 
 
@@ -147,16 +147,6 @@ class Qwen2_5_VLAdapter(Adapter):
         return VisualSpec(num_tokens=rows * cols, grid=(rows, cols), has_cls=False, cls_attention=False,
                           embed_dim=model.config.text_config.hidden_size,
                           feature_layers=(model.config.vision_config.depth,))
-
-    def lm_spec(self, model) -> LMSpec:
-        t = model.config.text_config
-        attn = model.model.language_model.layers[0].self_attn
-        return LMSpec(num_layers=t.num_hidden_layers, num_heads=t.num_attention_heads,
-                      num_kv_heads=t.num_key_value_heads, head_dim=int(attn.head_dim), hidden_size=t.hidden_size,
-                      vocab_size=t.vocab_size, rope=self.rope)
-
-    def image_token_id(self, model) -> int:
-        return int(model.config.image_token_id)
 
     def image_size(self, model) -> int:
         return self.image_hw[0]
