@@ -37,13 +37,15 @@ def bench_checkpoint() -> Path:
     return path
 
 
-def build_artifact(ckpt: Path, method: str, ratio: float, root: Path, kv_cache: str = "fp32") -> Path:
+def build_artifact(ckpt: Path, method: str, ratio: float, root: Path, kv_cache: str = "fp32",
+                   weights: str = "fp") -> Path:
     from vtc.export.build import BuildArgs, build
 
     from vtc.runtime import manifest as mf
     from vtc.runtime.errors import ArtifactError
 
-    out = root / (f"{method}-r{ratio:g}" + ("" if kv_cache == "fp32" else f"-kv{kv_cache}"))
+    out = root / (f"{method}-r{ratio:g}" + ("" if kv_cache == "fp32" else f"-kv{kv_cache}")
+                  + ("" if weights == "fp" else f"-w{weights}"))
     try:
         mf.load(out, check_files=False)
         return out  # built by an earlier bench run with a compatible vtc
@@ -51,7 +53,7 @@ def build_artifact(ckpt: Path, method: str, ratio: float, root: Path, kv_cache: 
         pass
     k_max = 577  # the same cache length for every variant, so decode times compare like for like
     args = BuildArgs(model=str(ckpt), method=method, ratio=ratio, output=str(out), text_budget=32,
-                     max_seq_len=k_max + 32 + 64, force=True, parity_tokens=4, kv_cache=kv_cache)
+                     max_seq_len=k_max + 32 + 64, force=True, parity_tokens=4, kv_cache=kv_cache, weights=weights)
     t0 = time.perf_counter()
     build(args, lambda _label: contextlib.nullcontext())
     print(f"built {out.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -128,6 +130,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ratio", default="0.25", help="ratio(s) for --methods, comma-separated (default 0.25)")
     ap.add_argument("--kv-caches", default="int8,fp8",
                     help="quantized KV caches to run with pool at the first --ratio (same run, same cache length)")
+    ap.add_argument("--weights", default="int8,int4",
+                    help="quantized weights (build --weights, RTN, group 128) to run uncompressed and with pool at the "
+                         "first --ratio, decode interleaved against float weights")
     ap.add_argument("--workdir", type=Path, default=None, help="where artifacts go (default: the vtc cache)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -143,12 +148,14 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown methods {unknown}; available: {', '.join(registry.names())}")
     ratios = [float(r) for r in str(args.ratio).split(",") if r.strip()]
-    variants = [("none", 1.0, "fp32")] + [(m, r, "fp32") for r in ratios for m in wanted if r != 1.0]
-    variants += [("pool", ratios[0], kv) for kv in args.kv_caches.split(",") if kv]
+    weights = [w for w in args.weights.split(",") if w]
+    variants = [("none", 1.0, "fp32", "fp")] + [(m, r, "fp32", "fp") for r in ratios for m in wanted if r != 1.0]
+    variants += [("pool", ratios[0], kv, "fp") for kv in args.kv_caches.split(",") if kv]
+    variants += [(m, r, "fp32", w) for w in weights for m, r in (("none", 1.0), ("pool", ratios[0]))]
     results = {}
-    for method, ratio, kv in variants:
-        art = build_artifact(ckpt, method, ratio, root, kv)
-        name = f"vtc {method} r{ratio:g}" + ("" if kv == "fp32" else f" {kv}")
+    for method, ratio, kv, w in variants:
+        art = build_artifact(ckpt, method, ratio, root, kv, w)
+        name = f"vtc {method} r{ratio:g}" + ("" if kv == "fp32" else f" {kv}") + ("" if w == "fp" else f" w{w}")
         results[name] = bench_vtc(art, args.threads, args.runs, args.warmup, args.new_tokens)
     results["HF eager r1"] = bench_hf(ckpt, args.threads, args.runs, args.warmup, args.new_tokens)
     paired = {}
@@ -156,6 +163,10 @@ def main(argv=None) -> int:
         base = build_artifact(ckpt, "pool", ratios[0], root)
         paired[kv] = paired_decode(base, build_artifact(ckpt, "pool", ratios[0], root, kv), args.threads,
                                    max(args.runs, 8), args.new_tokens)
+    for w in weights:  # decode with quantized weights vs float weights, uncompressed, interleaved
+        paired[f"weights {w}"] = paired_decode(build_artifact(ckpt, "none", 1.0, root),
+                                               build_artifact(ckpt, "none", 1.0, root, "fp32", w), args.threads,
+                                               max(args.runs, 8), args.new_tokens)
     report(results, args, paired)
     return 0
 
@@ -183,6 +194,12 @@ def report(results: dict, args, paired: dict | None = None) -> None:
     ratio = full["decode_ms"] / hf["decode_ms"]
     print(f"  decode ms/token vtc r1.0 / HF eager: {ratio:.2f} (target <= 1.0): {'PASS' if ratio <= 1.0 else 'FAIL'}")
     for kv, (fp32_ms, kv_ms) in (paired or {}).items():
+        if kv.startswith("weights "):  # issue 14's targets: int4 <= 0.5x, int8 <= 0.7x fp32 decode
+            target = {"weights int4": 0.5, "weights int8": 0.7}.get(kv)
+            verdict = "(no target)" if target is None else "PASS" if kv_ms / fp32_ms <= target else "FAIL"
+            print(f"  decode ms/token r1.0 {kv} / fp32 weights, interleaved runs: {kv_ms:.2f} / {fp32_ms:.2f} = "
+                  f"{kv_ms / fp32_ms:.2f}x (target <= {target}x): {verdict}")
+            continue
         slower = kv_ms / fp32_ms
         verdict = f"{'PASS' if slower <= 1.15 else 'FAIL'}" if kv == "int8" else "(no target)"
         print(f"  decode ms/token pool {kv} KV / fp32 KV, interleaved runs: {kv_ms:.2f} / {fp32_ms:.2f} = {slower:.2f}x "
