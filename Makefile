@@ -15,7 +15,7 @@ ACC_DIR  := artifacts/sweep-accuracy
 help:
 	@echo "make demo    build the demo model with FastV at ratio 0.25, ask it one question, score it, print a summary"
 	@echo "make test    run the test suite (CPU, ONNX Runtime; TensorRT tests skip without TensorRT)"
-	@echo "make bench   TTFT and decode latency on a bench-size random LLaVA vs HF transformers, then make accuracy"
+	@echo "make bench   TTFT and decode latency on a bench-size random LLaVA vs HF transformers, SmolVLM-256M geometry (build RSS, TTFT, decode), then make accuracy"
 	@echo "make bench-scale  build a random-weight LLaVA-1.5-7B-geometry checkpoint (fp16; 2 and 32 LLM layers): time, peak RSS, size, latency"
 	@echo "make accuracy  accuracy per question type x method x ratio (and KV dtype) of the demo model -> $(ACC_DIR)/accuracy.md"
 	@echo "make train-demo  retrain the demo model from scratch (CPU, about 50 min on 2 cores) into export/data/demo-model"
@@ -44,6 +44,8 @@ test-all: setup
 bench: setup
 	$(BIN)/python tools/bench.py
 	$(BIN)/python tools/bench_context.py
+	$(BIN)/python tools/bench_smolvlm.py --image-splits 0
+	$(BIN)/python tools/bench_smolvlm.py --image-splits 2 2
 	$(MAKE) accuracy
 
 # Real scale: needs ~30 GB of disk and, for the 32-layer build, most of a 24 GB machine (see README, Real scale).
