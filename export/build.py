@@ -474,7 +474,8 @@ def _check_backend(bp: BuildPlan):
 
     if needs_reference(DTYPES[bp.dtype]):
         return OnnxReferenceBackend()
-    return OrtBackend(**_ort_check_options(bp)) if _ort_check_options(bp) else None
+    options = _ort_check_options(bp)
+    return OrtBackend(**options) if options else None
 
 
 def _ort_check_options(bp: BuildPlan) -> dict:
