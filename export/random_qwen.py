@@ -56,11 +56,24 @@ class RandomQwenSpec:
     intermediate: int = 128
     mrope_section: tuple = (2, 3, 3)  # sums to head_dim / 2
     bpe_vocab: int = 400
+    vocab: int = 0  # 0 = the tokenizer's size; larger values pad the vocabulary (as the published checkpoints do)
     init_std: float = 0.2
     tie_embeddings: bool = False
     max_pixels: int = 28 * 28 * 1280  # the processor's size["longest_edge"] (published default)
     min_pixels: int = 56 * 56
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def bench(cls) -> "RandomQwenSpec":
+        """`make bench`'s Qwen2.5-VL-like model (tools/bench_qwen.py), scaled like RandomLlavaSpec.bench(): LLM
+        1024 x 8 layers, 16 heads / 2 KV heads (Qwen2.5-VL-3B's 8:1 GQA), head dim 64 with mrope_section (8, 12, 12)
+        (the published (16, 24, 24) halved with the head dim), vocab 32000, untied head; ViT 640 x 8 blocks (8 heads
+        of 80 like the published 1280 / 16, SwiGLU MLP 1712 = the published 2.67x), windows of 112 px, full attention
+        at the end of each quarter (1, 3, 5, 7; the published 32 blocks: 7, 15, 23, 31). At 448 x 448: 1024
+        patches -> 256 visual tokens."""
+        return cls(vision_hidden=640, vision_layers=8, vision_heads=8, vision_intermediate=1712, window_size=112,
+                   fullatt_block_indexes=(1, 3, 5, 7), hidden=1024, layers=8, heads=16, kv_heads=2, intermediate=2816,
+                   mrope_section=(8, 12, 12), bpe_vocab=1000, vocab=32000, init_std=0.02, tie_embeddings=False)
 
 
 def _save_tokenizer(out: Path, size: int) -> dict[str, int]:
@@ -89,7 +102,7 @@ def _config(spec: RandomQwenSpec, vocab: int, ids: dict):
     else:  # Qwen2-VL: embed_dim / mlp_ratio, full attention everywhere
         vision.update(embed_dim=spec.vision_hidden, hidden_size=spec.hidden, mlp_ratio=2)
     text = dict(hidden_size=spec.hidden, intermediate_size=spec.intermediate, num_hidden_layers=spec.layers,
-                num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, vocab_size=vocab,
+                num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, vocab_size=spec.vocab or vocab,
                 max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=spec.tie_embeddings,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,

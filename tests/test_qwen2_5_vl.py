@@ -310,3 +310,32 @@ def test_list_shows_the_architectures():
     out = subprocess.run([*vtc_export_cmd(), "list"], capture_output=True, text=True)
     assert out.returncode == 0
     assert "qwen2_5_vl" in out.stdout and "qwen2_vl" in out.stdout and "Qwen2_5_VLForConditionalGeneration" in out.stdout
+
+
+def test_bench_spec_is_a_valid_qwen2_5_vl_config():
+    """`make bench`'s model (RandomQwenSpec.bench(), tools/bench_qwen.py): HF accepts its config and builds the model
+    on the meta device (no weights); the geometry is the documented one."""
+    from types import SimpleNamespace
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.vision_utils import get_vision_window_index
+
+    from vtc.export.models.qwen2_5_vl import ADAPTER
+    from vtc.export.random_qwen import SPECIALS, RandomQwenSpec, _config
+
+    spec = RandomQwenSpec.bench()
+    cfg = _config(spec, 1000, {t: i for i, t in enumerate(SPECIALS)})
+    text, vision = cfg.text_config, cfg.vision_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    lm = (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads)
+    assert lm == (1024, 8, 16, 2)
+    assert 2 * sum(text.rope_parameters["mrope_section"]) == head_dim == 64
+    assert text.vocab_size == 32000 and not cfg.tie_word_embeddings
+    vit = (vision.hidden_size, vision.depth, vision.window_size, vision.fullatt_block_indexes)
+    assert vit == (640, 8, 112, [1, 3, 5, 7])
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    assert 195e6 < sum(p.numel() for p in model.parameters()) < 210e6  # README: 203.0 M
+    assert ADAPTER.visual_spec(SimpleNamespace(config=cfg)).num_tokens == 256  # at the default 448 x 448
+    _, cu = get_vision_window_index(torch.tensor([[1, 32, 32]]), 2, vision.window_size, vision.patch_size)
+    assert len(cu) - 1 == 16 and set((cu[1:] - cu[:-1]).tolist()) == {64}  # 4 x 4 windows of 8 x 8 patches
