@@ -70,6 +70,7 @@ class BuildArgs:
     weights: str = "fp"  # fp (= dtype) | int8 (per channel) | int4 (blocked): the LLM's linear layers (vtc.export.wquant)
     group_size: int = 128  # --weights int4: block size along each linear layer's input dim
     weights_algo: str = "rtn"  # rtn | awq (int4: scales searched on the calibration set, vtc.calibration.awq)
+    lm_head: str | None = None  # int8 | fp: the LM head with --weights int8|int4 (None = int8; vtc.export.wquant)
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def _check_args(args: BuildArgs) -> None:
         raise UsageError(f"--kv-granularity {args.kv_granularity!r} is not channel or head.", "Pass one of them.")
     from vtc.export.wquant import check_args as check_weights
 
-    check_weights(args.weights, args.group_size, args.weights_algo)
+    check_weights(args.weights, args.group_size, args.weights_algo, args.lm_head)
     for flag, value, want_dir in (("--kv-scales", args.kv_scales, False), ("--calib-images", args.calib_images, True),
                                   ("--calib-prompts", args.calib_prompts, False)):
         path = Path(value).expanduser() if value else None
@@ -452,6 +453,7 @@ def _lean_parity(tmp: Path, bp: BuildPlan, kv, draft, step: Callable) -> dict:
         vlm.open(tuple(g for g in manifest.graphs if g != "vision"))
         report = parity.compare_runtime(vlm, prompt, pixels, ref, KV_DTYPES[bp.kv_cache], DTYPES[bp.dtype],
                                         encoded=encoded)
+        report.pop("_runtime_selection")  # the model is freed: no re-run on the artifact's selection here
         vlm.close()
     for f in tmp.glob("probe_*"):  # the probe's graphs are not part of the artifact
         f.unlink()

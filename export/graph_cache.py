@@ -43,8 +43,9 @@ def _versions() -> dict:
     import torch
 
     import vtc.export as pkg
+    from vtc.export.onnx_export import EXPORT_REVISION
 
-    return {"torch": torch.__version__, "vtc": getattr(pkg, "__version__", "?")}
+    return {"torch": torch.__version__, "vtc": getattr(pkg, "__version__", "?"), "export": EXPORT_REVISION}
 
 
 def _digest(parts: dict) -> str:

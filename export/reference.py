@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vtc.export.methods.base import Method, Plan, compress_images
@@ -108,10 +109,14 @@ def _greedy(model, max_new_tokens: int, **inputs) -> tuple[list[int], list]:
 
 
 def reference_generate(adapter, model, method, plan: Plan, spec, pixel_values: torch.Tensor,
-                       before: list[int], after: list[int], max_new_tokens: int) -> Reference:
-    """Greedy generation of the compressed model in PyTorch (no EOS stop: exactly max_new_tokens)."""
+                       before: list[int], after: list[int], max_new_tokens: int,
+                       forced_image_kept: list[int] | None = None) -> Reference:
+    """Greedy generation of the compressed model in PyTorch (no EOS stop: exactly max_new_tokens).
+    `forced_image_kept`: an in-LLM method's kept image tokens given instead of selected (see eager_generate)."""
     if method.stage == "llm":
-        return _reference_in_llm(adapter, model, method, plan, pixel_values, before, after, max_new_tokens)
+        ref, _ = eager_generate(adapter, model, method, plan, pixel_values, before, after, max_new_tokens,
+                                forced_image_kept)
+        return ref
     image_embeds, kept, token_map = reference_visual(adapter, model, method, plan, spec, pixel_values)
     if not method.compresses:  # exactly as a transformers user calls generate
         tokens, logits = _greedy(model, max_new_tokens,
@@ -156,6 +161,17 @@ def _flat(kv: list) -> tuple:
     return tuple(t for pair in kv for t in pair)
 
 
+def _forced(image_kept: list[int], hidden, image_start: int, n: int):
+    """_select's result for a given pure selection: every text token plus `image_kept`."""
+    from vtc.runtime.selectors import from_keep
+
+    seq = hidden.shape[1]
+    keep = [*range(image_start), *(image_start + i for i in image_kept), *range(image_start + n, seq)]
+    sel = from_keep(np.asarray(keep), hidden[0, keep].numpy(), image_start, n)
+    return (torch.from_numpy(sel.hidden)[None], torch.from_numpy(sel.keep), sel.image_kept.tolist(),
+            sel.merged_into.tolist())
+
+
 def _select(method, plan: Plan, hidden, last_attn, image_start: int):
     """(hidden [1, S', D], keep [S'], image_kept [K], token_map [N]) with the deployed selection code."""
     sel = method.run_selector(hidden[0].numpy(), last_attn[0].numpy(), image_start, plan)
@@ -163,16 +179,14 @@ def _select(method, plan: Plan, hidden, last_attn, image_start: int):
             sel.merged_into.tolist())
 
 
-def _reference_in_llm(adapter, model, method, plan: Plan, pixel_values, before, after, max_new_tokens: int):
-    """The project's PyTorch path for FastV / TokenCarve (see eager_generate)."""
-    ref, _ = eager_generate(adapter, model, method, plan, pixel_values, before, after, max_new_tokens)
-    return ref
-
-
-def eager_generate(adapter, model, method, plan: Plan, pixel_values, before, after, max_new_tokens: int):
+def eager_generate(adapter, model, method, plan: Plan, pixel_values, before, after, max_new_tokens: int,
+                   forced_image_kept: list[int] | None = None):
     """Greedy generation in eager PyTorch over the LLM segments (HF modules, vtc.export.llm), with the
     deployed selection for in-LLM methods: (Reference, kv) where kv[i] = [K, V] of layer i, each
-    [1, Hkv, len_i, Dh], everything the cache held at the end (calibration reads it)."""
+    [1, Hkv, len_i, Dh], everything the cache held at the end (calibration reads it).
+    `forced_image_kept`: keep these image tokens (0-based in the image span) and every text token instead of
+    running the selector (a pure selection such as FastV's; parity re-runs the reference on the artifact's
+    own selection when a quantized KV cache legitimately flips a near-tie in the ranking)."""
     from vtc.export import methods
 
     spec = adapter.visual_spec(model)
@@ -202,7 +216,10 @@ def eager_generate(adapter, model, method, plan: Plan, pixel_values, before, aft
             if seg.has_head:
                 logits = outs[0]
                 break
-            hidden, keep, kept, token_map = _select(method, plan, outs[0], outs[1], len(before))
+            if forced_image_kept is None:
+                hidden, keep, kept, token_map = _select(method, plan, outs[0], outs[1], len(before))
+            else:
+                hidden, keep, kept, token_map = _forced(forced_image_kept, outs[0], len(before), plan.n)
             if method.trims_pre_kv:
                 kv[:w] = [[k[:, :, keep], v[:, :, keep]] for k, v in kv[:w]]
             positions = positions[..., keep]  # the kept tokens' original positions

@@ -3,7 +3,8 @@ against the uncompressed artifact (vtc.export.fidelity) into one table and one c
 
 Layout of the output directory (default artifacts/sweep-<model>):
 
-    artifacts/<method>-r<ratio>/   the built variants (ratio 1.0 is one shared `none-r1` artifact)
+    artifacts/<method>-r<ratio>[-kv<T>][-w<W>]/   the built variants (ratio 1.0 is one shared `none-r1` artifact;
+                                   -kv<T>: a KV cache other than fp32, -w<W>: quantized LLM weights, see WEIGHTS)
     sweep-state.json               finished variants, rewritten atomically after each one
     sweep.json, sweep.csv          the table: one row per variant
     sweep.png                      TTFT p50 and greedy agreement against kept tokens, one line per method
@@ -31,11 +32,16 @@ from vtc.runtime.manifest import UNCOMPRESSED
 STATE = "sweep-state.json"
 GRAPH_CACHE = ".graph-cache"  # exported graphs shared between variants (vtc.export.graph_cache)
 STATE_SCHEMA = "vtc.sweep-state"
-COLUMNS = ("variant", "method", "ratio", "kv_cache", "k_visual", "n_visual", "prompt_tokens", "ttft_ms_p50", "ttft_ms_p90",
-           "vit_time_ms_p50", "prefill_time_ms_p50", "tpot_ms_p50", "generation_throughput_tok_s_p50", "e2e_ms_p50",
+COLUMNS = ("variant", "method", "ratio", "kv_cache", "weights", "group_size", "k_visual", "n_visual", "prompt_tokens",
+           "ttft_ms_p50", "ttft_ms_p90", "vit_time_ms_p50", "prefill_time_ms_p50", "tpot_ms_p50",
+           "generation_throughput_tok_s_p50", "e2e_ms_p50",
            "kv_cache_prompt_bytes", "peak_rss_bytes", "energy_per_query_j", "greedy_agreement",
            "greedy_prefix_tokens", "first_token_kl", "first_token_match", "accuracy", "eval_examples", "build_s",
            "artifact")
+# --weights names -> (BuildArgs.weights, BuildArgs.weights_algo): fp = the graph dtype, int8 = per output channel,
+# int4 = blocks of --group-size (round to nearest), int4-awq = the same blocks with AWQ scales (vtc.calibration.awq)
+WEIGHTS = {"fp": ("fp", "rtn"), "int8": ("int8", "rtn"), "int4": ("int4", "rtn"), "int4-awq": ("int4", "awq")}
+DEFAULT_GROUP = BuildArgs().group_size  # the build's --group-size default
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,8 @@ class SweepArgs:
     eval_dataset: str = "synthetic"  # a JSONL file ({image, question, answer[, type]}) or the synthetic task
     eval_seed: int = 1  # the synthetic task's seed (vtc-export eval's default; held out from the demo's training)
     image_splits: tuple | None = None  # every variant's static image layout (BuildArgs.image_splits): tiling models
+    weights: tuple = ("fp",)  # LLM weights of the variants (WEIGHTS names); each one is a variant, like kv_caches
+    group_size: int = DEFAULT_GROUP  # int4 block size of every int4 variant (BuildArgs.group_size)
 
 
 @dataclass(frozen=True)
@@ -67,16 +75,25 @@ class Variant:
     method: str
     ratio: float
     kv: str = "fp32"
+    weights: str = "fp"  # a WEIGHTS name
+    group_size: int | None = None  # int4 variants: the block size (None = DEFAULT_GROUP)
 
     @property
     def name(self) -> str:
-        return f"{self.method}-r{self.ratio:g}" + ("" if self.kv == "fp32" else f"-kv{self.kv}")
+        """e.g. pool-r0.25, pool-r0.25-kvint8-wint8, fastv-r0.25-wint4-awq-g64 (a group only when not the default)."""
+        return (f"{self.method}-r{self.ratio:g}" + ("" if self.kv == "fp32" else f"-kv{self.kv}")
+                + ("" if self.weights == "fp" else f"-w{weights_label(self.weights, self.group_size, '-g')}"))
+
+
+def weights_label(weights: str, group_size: int | None, sep: str = " g") -> str:
+    """int4-awq, or int4-awq g64 where the group is not the build's default (names use sep="-g")."""
+    return weights + (f"{sep}{group_size}" if group_size not in (None, DEFAULT_GROUP) else "")
 
 
 def plan_variants(args: SweepArgs) -> list[Variant]:
-    """The uncompressed fp32-KV reference first, then every KV dtype x method x ratio (names checked here);
-    ratio 1.0 is one `none` variant per KV dtype."""
-    from vtc.export import methods
+    """The uncompressed fp32-KV fp-weights reference first, then every weights x KV dtype x method x ratio
+    (names checked here); ratio 1.0 is one `none` variant per weights x KV dtype."""
+    from vtc.export import methods, wquant
     from vtc.export.build import KV_DTYPES
 
     if not args.methods:
@@ -89,17 +106,28 @@ def plan_variants(args: SweepArgs) -> list[Variant]:
     bad = [k for k in args.kv_caches if k not in KV_DTYPES]
     if bad or not args.kv_caches:
         raise UsageError(f"--kv-cache {','.join(bad) or '(empty)'}: not a KV cache type.", f"Use {', '.join(KV_DTYPES)}.")
+    bad = [w for w in args.weights if w not in WEIGHTS]
+    if bad or not args.weights:
+        raise UsageError(f"--weights {','.join(bad) or '(empty)'}: not a weights variant.",
+                         f"Use a comma list of {', '.join(WEIGHTS)} (e.g. --weights fp,int8,int4-awq).")
+    if any(WEIGHTS[w][0] == "int4" for w in args.weights):
+        wquant.check_args("int4", args.group_size, "rtn")  # a power of two >= 16
     out = [Variant(methods.NONE, 1.0)]
-    for kv in args.kv_caches:
-        out += [Variant(methods.NONE, 1.0, kv)] if 1.0 in args.ratios else []
-        out += [Variant(m, r, kv) for m in args.methods if methods.get(m).compresses for r in args.ratios if r != 1.0]
+    for w in args.weights:
+        g = args.group_size if WEIGHTS[w][0] == "int4" else None
+        for kv in args.kv_caches:
+            out += [Variant(methods.NONE, 1.0, kv, w, g)] if 1.0 in args.ratios else []
+            out += [Variant(m, r, kv, w, g) for m in args.methods if methods.get(m).compresses for r in args.ratios
+                    if r != 1.0]
     return list(dict.fromkeys(out))
 
 
 def _settings(args: SweepArgs, model_dir: Path) -> dict:
     keep = ("runs", "warmup", "max_new_tokens", "fidelity_tokens", "images", "prompts", "threads", "max_seq_len",
             "text_budget", "eval_n", "eval_dataset", "eval_seed") + (("image_splits",) if args.image_splits else ())
-    # (image_splits only when given: state files of sweeps from before the flag still resume)
+    # (image_splits only when given: state files of sweeps from before the flag still resume). --weights and
+    # --group-size are not settings: like --kv-cache they name variants (-w<W>[-g<G>]), so sweeps with other
+    # weights add rows to the same directory (make accuracy)
     return {"model": str(model_dir.resolve()), **{k: (list(v) if isinstance(v, tuple) else v)
                                                   for k, v in asdict(args).items() if k in keep}}
 
@@ -117,6 +145,18 @@ def check_variants(args: SweepArgs, model_dir: Path, variants: list[Variant], st
         for v in variants:
             m = methods.get(v.method)
             m.check_lm(bp.lm.num_layers, m.plan(bp.spec, v.ratio, {}))
+        check_weights(bp, variants)
+
+
+def check_weights(bp, variants: list[Variant]) -> None:
+    """The quantized variants' LLM layers (Llama-style) and int4 group size (it must divide every input dim; the
+    error names the --group-size that fits), on the reference's loaded model."""
+    from dataclasses import replace
+
+    from vtc.export import wquant
+
+    for dtype, group in dict.fromkeys((WEIGHTS[v.weights][0], v.group_size) for v in variants if v.weights != "fp"):
+        wquant.check_model(replace(bp, args=replace(bp.args, weights=dtype, group_size=group or DEFAULT_GROUP)))
 
 
 def load_state(root: Path, settings: dict, force: bool) -> dict:
@@ -145,7 +185,8 @@ def save_state(root: Path, state: dict) -> None:
 def _build_args(args: SweepArgs, model_dir: Path, v: Variant, out: Path) -> BuildArgs:
     return BuildArgs(model=str(model_dir), method=v.method, ratio=v.ratio, output=str(out), max_seq_len=args.max_seq_len,
                      text_budget=args.text_budget, force=True, parity_tokens=args.parity_tokens, kv_cache=v.kv,
-                     image_splits=args.image_splits)
+                     image_splits=args.image_splits, weights=WEIGHTS[v.weights][0],
+                     group_size=v.group_size or DEFAULT_GROUP, weights_algo=WEIGHTS[v.weights][1])
 
 
 def _existing(out: Path, bargs: BuildArgs) -> bool:
@@ -156,9 +197,11 @@ def _existing(out: Path, bargs: BuildArgs) -> bool:
         m = mf.load(out, check_files="hashes")
     except ArtifactError:
         return False
-    keys = ("model", "method", "ratio", "max_seq_len", "text_budget", "method_options", "kv_cache", "image_splits")
+    keys = ("model", "method", "ratio", "max_seq_len", "text_budget", "method_options", "kv_cache", "image_splits",
+            "weights", "group_size", "weights_algo")
     asked = json.loads(json.dumps(asdict(bargs)))  # as the manifest records them (tuples as lists)
-    return all(m.build_args.get(k) == asked[k] for k in keys)
+    before = {k: getattr(BuildArgs(), k) for k in ("weights", "group_size", "weights_algo")}  # older manifests: no keys
+    return all(m.build_args.get(k, before.get(k)) == asked[k] for k in keys)
 
 
 def build_variant(args: SweepArgs, model_dir: Path, v: Variant, root: Path, step) -> tuple[Path, float]:
@@ -209,7 +252,8 @@ def row_of(v: Variant, art: Path, report: dict, fid: dict, build_s: float) -> di
         return m[key][stat] if key in m else None
 
     energy = (report.get("power") or {}).get("energy_per_query_j")
-    return {"variant": v.name, "method": c["method"], "ratio": c["ratio"], "kv_cache": v.kv, "k_visual": c["k_visual"],
+    return {"variant": v.name, "method": c["method"], "ratio": c["ratio"], "kv_cache": v.kv, "weights": v.weights,
+            "group_size": v.group_size, "k_visual": c["k_visual"],
             "n_visual": c["n_visual"], "prompt_tokens": report["tokens"]["prompt_tokens"],
             "ttft_ms_p50": p("ttft_ms"), "ttft_ms_p90": p("ttft_ms", "p90"), "vit_time_ms_p50": p("vit_time_ms"),
             "prefill_time_ms_p50": p("prefill_time_ms"), "tpot_ms_p50": p("tpot_ms"),
@@ -334,7 +378,7 @@ def write_outputs(result: SweepResult) -> list[Path]:
     for r in result.rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
     (root / "sweep.csv").write_text(buf.getvalue())
-    charts.sweep_chart(result.rows, root / "sweep.png",
+    charts.sweep_chart(_chart_rows(result.rows), root / "sweep.png",
                        f"{root.name}: TTFT and fidelity against kept visual tokens ({result.settings['model']})")
     paths = [root / "sweep.csv", root / "sweep.json", root / "sweep.png"]
     table = accuracy_table(_state_rows(root), result.settings)
@@ -342,6 +386,13 @@ def write_outputs(result: SweepResult) -> list[Path]:
         (root / "accuracy.md").write_text(table)
         paths.append(root / "accuracy.md")
     return paths
+
+
+def _chart_rows(rows: list[dict]) -> list[dict]:
+    """The chart draws one line per method and KV dtype: quantized weights join the KV label, so each weights
+    variant is its own line ("fastv (KV fp32, weights int8)") and the fp lines are unchanged."""
+    return [{**r, "kv_cache": f"{r['kv_cache']}, weights {weights_label(r['weights'], r.get('group_size'))}"}
+            if r.get("weights", "fp") != "fp" else r for r in rows]
 
 
 def _state_rows(root: Path) -> list[dict]:
@@ -353,22 +404,25 @@ def _state_rows(root: Path) -> list[dict]:
 
 def accuracy_table(rows: list[dict], settings: dict) -> str:
     """Markdown: accuracy per question type of every scored variant in the sweep directory (earlier runs
-    with other --methods/--ratios/--kv-cache included), the uncompressed model first, then by KV dtype,
-    method and falling ratio. Latency stays in sweep.csv/json (this table is about accuracy)."""
+    with other --methods/--ratios/--kv-cache/--weights included): by weights (fp first), then the uncompressed
+    model first, then by KV dtype, method and falling ratio. Latency stays in sweep.csv/json (this table is about
+    accuracy). Rows from before --weights are fp."""
     rows = [r for r in rows if r.get("accuracy") is not None]
     if not rows:
         return ""
     types = sorted({k[4:] for r in rows for k in r if k.startswith("acc_")})
-    kv_order = ["fp32", "fp16", "int8", "fp8"]
-    rows.sort(key=lambda r: (r["method"] != UNCOMPRESSED, kv_order.index(r["kv_cache"]) if r["kv_cache"] in kv_order else 9,
+    kv_order, w_order = ["fp32", "fp16", "int8", "fp8"], list(WEIGHTS)
+    rows.sort(key=lambda r: (w_order.index(r.get("weights", "fp")), r.get("group_size") or 0,
+                             r["method"] != UNCOMPRESSED, kv_order.index(r["kv_cache"]) if r["kv_cache"] in kv_order else 9,
                              r["method"], -r["ratio"]))
     src = "synthetic" if settings.get("eval_dataset") == "synthetic" else settings.get("eval_dataset")
     lines = [f"Accuracy % on {rows[0]['eval_examples']} questions ({src}, seed {settings.get('eval_seed')}), greedy, "
              f"ONNX Runtime; model {Path(settings['model']).name}.", "",
-             "| method | ratio | KV | visual tokens | overall | " + " | ".join(types) + " |",
-             "|---|---|---|---|---|" + "---|" * len(types)]
+             "| method | ratio | KV | weights | visual tokens | overall | " + " | ".join(types) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(types)]
     for r in rows:
-        cells = [r["method"], f"{r['ratio']:g}", r["kv_cache"], f"{r['k_visual']} / {r['n_visual']}",
+        weights = weights_label(r.get("weights", "fp"), r.get("group_size"))
+        cells = [r["method"], f"{r['ratio']:g}", r["kv_cache"], weights, f"{r['k_visual']} / {r['n_visual']}",
                  f"**{100 * r['accuracy']:.1f}**"]
         cells += ["-" if r.get(f"acc_{t}") is None else f"{100 * r[f'acc_{t}']:.1f}" for t in types]
         lines.append("| " + " | ".join(cells) + " |")

@@ -25,8 +25,8 @@ offset/length in row chunks (CHUNK_ELEMENTS), quantized and streamed to a new da
 graph needs about one chunk of memory. The new graph and data are written next to the old ones and
 moved into place with os.replace (the graph cache hard-links exported files: they are never written in
 place). Which layers: MatMuls whose second input is a 2-D float initializer used only as a MatMul weight
-(q/k/v/o, gate/up/down); the LM head (the first such MatMul upstream of the `logits` output) only with
-lm_head=True, and then as int8. With --weights-algo awq the float model arrives already scaled
+(q/k/v/o, gate/up/down); the LM head (the first such MatMul upstream of the `logits` output) with
+--lm-head int8 (the default; `--lm-head fp` keeps it float), and then always as int8 per channel. With --weights-algo awq the float model arrives already scaled
 (vtc.calibration.awq, before export), with clipping thresholds per weight that this pass applies: each
 int4 block is clamped to +-clip before its scale is taken.
 """
@@ -44,6 +44,8 @@ from vtc.runtime.errors import ExportError, ModelError, UsageError
 
 WEIGHT_DTYPES = ("fp", "int8", "int4")
 ALGOS = ("rtn", "awq")
+LM_HEAD = ("int8", "fp")  # --lm-head with --weights int8|int4 (default int8: the head is the largest single
+#                           MatMul of a decode step, 131 MB fp32 of 234 MB on the bench-size LLaVA's int8 graph)
 LLM_GRAPHS = ("llm", "llm_pre", "llm_post")
 QRANGE = {"int8": (-127, 127), "int4": (-8, 7)}  # symmetric: s = absmax / QRANGE[1]
 INT4_OPSET = 21  # DequantizeLinear-21: int4 and block_size
@@ -114,10 +116,15 @@ class WeightsRecord:
 
 
 # -- checks ----------------------------------------------------------------------------------------
-def check_args(weights: str, group_size: int, algo: str) -> None:
+def check_args(weights: str, group_size: int, algo: str, lm_head: str | None = None) -> None:
     """The flags alone (vtc.export.build._check_args)."""
     if weights not in WEIGHT_DTYPES:
         raise UsageError(f"--weights {weights!r} is not one of {', '.join(WEIGHT_DTYPES)}.", "Pass e.g. --weights int4.")
+    if lm_head not in (None, *LM_HEAD):
+        raise UsageError(f"--lm-head {lm_head!r} is not one of {', '.join(LM_HEAD)}.", "Pass int8 (the default) or fp.")
+    if lm_head == "int8" and weights == "fp":
+        raise UsageError("--lm-head int8 quantizes the LM head along with the linear layers, but --weights is fp.",
+                         "Add --weights int8 (or int4), or drop --lm-head.")
     if algo not in ALGOS:
         raise UsageError(f"--weights-algo {algo!r} is not one of {', '.join(ALGOS)}.", "Pass rtn or awq.")
     if algo == "awq" and weights != "int4":
@@ -582,9 +589,17 @@ def quantize_step(tmp: Path, bp, graphs: dict, step) -> WeightsRecord | None:
     for name, (first, end) in segments(bp).items():
         how = f"blocks of {args.group_size}" if args.weights == "int4" else "per channel"
         with step(f"quantizing {name} weights to {args.weights} ({how}, {args.weights_algo})"):
-            rec.add(name, quantize_graph(tmp / graphs[name].file, args.weights, args.group_size,
+            rec.add(name, quantize_graph(tmp / graphs[name].file, args.weights, args.group_size, lm_head=head_int8(args),
                                          expect=expected_linears(bp, first, end), clips=getattr(bp.model, CLIP_MARK, None)))
+    if head_int8(args) and not rec.lm_head:
+        raise ExportError("--lm-head int8: no LM head MatMul (a 2-D float initializer feeding the logits) was found in "
+                          "the LLM graphs.", "Build with --lm-head fp, and please report it with the model config.")
     return rec
+
+
+def head_int8(args) -> bool:
+    """Whether the LM head becomes int8: with --weights int8|int4 unless --lm-head fp."""
+    return args.weights != "fp" and (getattr(args, "lm_head", None) or "int8") == "int8"
 
 
 def fake_quantize(bp) -> None:
@@ -607,6 +622,9 @@ def fake_quantize(bp) -> None:
                     continue
                 clip = clips.get(weight_key(w))
                 lin.weight.data = pseudo_quantize(w, args.group_size, None if clip is None else torch.from_numpy(clip).t())
+        if head_int8(args):  # a new Parameter: a head tied to the embeddings must leave the embeddings as they are
+            head = bp.adapter.static_cache_lm(bp.model).lm_head
+            head.weight = torch.nn.Parameter(pseudo_quantize_int8(head.weight.data), requires_grad=False)
 
 
 def accuracy(vlm, bp) -> dict:

@@ -161,7 +161,22 @@ class TokenCarveSelector(Selector):
     option_bounds = {"weight": (0.0, 1.0)}
 
     def __call__(self, hidden, last_attn, image_start, n, k, options, graphs):
-        return tokencarve(hidden, last_attn, image_start, n, k, options["weight"])
+        with one_blas_thread():
+            return tokencarve(hidden, last_attn, image_start, n, k, options["weight"])
+
+
+_CONTROLLER = None
+
+
+def one_blas_thread():
+    """numpy's BLAS limited to one thread (threadpoolctl, ~0.1 ms). TokenCarve's matrices are small (N x D); a
+    multi-threaded OpenBLAS spins against ONNX Runtime's intra-op threads on a small CPU (measured on a busy
+    2-core host: the selection took 75-1788 ms, p50 1254, and 14-23 ms on one BLAS thread)."""
+    global _CONTROLLER
+    from threadpoolctl import ThreadpoolController
+
+    _CONTROLLER = _CONTROLLER or ThreadpoolController()
+    return _CONTROLLER.limit(limits=1, user_api="blas")
 
 
 register(FastVSelector())

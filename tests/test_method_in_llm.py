@@ -176,3 +176,24 @@ def test_tokencarve_paper_budgets_on_bench_model(tmp_path):
             f32 += sel.keep.tolist() == ref_tokencarve(hidden[0], last[0], len(before), 576, t)[0].tolist()
     print(f"\ntokencarve bench-size selections equal to the reference: float64 SVD {exact}/30, float32 SVD {f32}/30")
     assert exact == 30
+
+
+def test_reference_on_a_forced_selection(tiny_checkpoints):
+    """Parity's re-run on the artifact's own selection (a quantized KV cache may flip FastV's ranking at a
+    near-tie): forcing the reference's own kept tokens reproduces it exactly, and forcing others changes it."""
+    name = "mha-default"
+    adapter = models.resolve(tiny_checkpoints[name])
+    model = adapter.load(tiny_checkpoints[name])
+    spec = adapter.visual_spec(model)
+    m = methods.get("fastv")
+    plan = m.plan(spec, 0.25, {"layer": "1"})
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    before, after = [1, 5, 6], [7, 8, 9, 10]
+    ref = reference_generate(adapter, model, m, plan, spec, pixels, before, after, 8)
+    again = reference_generate(adapter, model, m, plan, spec, pixels, before, after, 8, ref.kept_index)
+    assert again.kept_index == ref.kept_index and again.token_map == ref.token_map and again.tokens == ref.tokens
+    assert all(torch.equal(a, b) for a, b in zip(again.step_logits, ref.step_logits))
+    other = sorted(set(range(plan.n)) - set(ref.kept_index))[:plan.k]
+    forced = reference_generate(adapter, model, m, plan, spec, pixels, before, after, 8, other)
+    assert forced.kept_index == other and not torch.equal(forced.step_logits[0], ref.step_logits[0])

@@ -26,7 +26,8 @@ def test_int4_with_fastv_and_int8_kv_in_one_build_then_verify(tiny_checkpoints, 
                    group_size=32, kv_cache="int8")
     m = load_manifest(built.path)
     w = m.weights
-    assert w.dtype == "int4" and w.group_size == 32 and w.algo == "rtn" and w.layers == 14  # 2 layers x 7
+    assert w.dtype == "int4" and w.group_size == 32 and w.algo == "rtn" and w.layers == 15  # 2 layers x 7 + head
+    assert w.lm_head  # int8, the default with quantized weights
     assert 0 < w.bytes_after < 0.3 * w.bytes_before
     assert w.accuracy["logits_cosine_median"] > 0.9, w.accuracy  # vs float weights, held-out pairs
     assert m.parity["ok"] and "int4 weights" in m.parity["reference"]
@@ -36,9 +37,10 @@ def test_int4_with_fastv_and_int8_kv_in_one_build_then_verify(tiny_checkpoints, 
 
 def test_awq_build_is_checked_on_the_scaled_weights(tiny_checkpoints, tmp_path):
     built = _build(tiny_checkpoints["gqa-full"], tmp_path / "a", weights="int4", group_size=32, weights_algo="awq",
-                   ratio=1.0, method="none")
+                   ratio=1.0, method="none", lm_head="fp")
     m = load_manifest(built.path)
     assert m.weights.algo == "awq" and m.weights.awq and m.parity["ok"]
+    assert not m.weights.lm_head and m.weights.layers == 14  # --lm-head fp: the head stays float
     assert m.parity["greedy_tokens"]["equal"]
 
 
@@ -49,12 +51,13 @@ def test_int8_weights_through_the_lean_probe(tiny_checkpoints, tmp_path, monkeyp
     built = _build(tiny_checkpoints["mqa-layer-1"], tmp_path / "a", weights="int8", dtype="fp16")
     m = load_manifest(built.path)
     assert m.parity["ok"] and m.parity["scope"]["llm_layers_checked"] == [0, 2]
-    assert m.weights.layers == 21 and "skipped" in m.weights.accuracy  # 3 layers x 7; the model was freed
+    assert m.weights.layers == 22 and "skipped" in m.weights.accuracy  # 3 layers x 7 + head; the model was freed
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--weights", "int4", "--group-size", "48"], "group"),
     (["--weights-algo", "awq"], "awq"),
+    (["--lm-head", "int8"], "--lm-head int8"),
 ])
 def test_bad_weight_flags_exit_2_before_any_export(argv, message, tiny_checkpoints, tmp_path, capsys):
     from vtc.export.cli import main
@@ -63,3 +66,19 @@ def test_bad_weight_flags_exit_2_before_any_export(argv, message, tiny_checkpoin
     err = capsys.readouterr().err
     assert code == 2 and message in err.lower() and "Traceback" not in err
     assert not (tmp_path / "a").exists()
+
+
+def test_int8_head_of_tied_embeddings_leaves_the_embeddings_float(tiny_checkpoints, tmp_path):
+    """Qwen2.5-VL with tied embeddings: the LM head becomes int8 in the graph (and in the parity reference), while
+    the embedding table the runtime looks tokens up in stays the float one."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    src = tiny_checkpoints["qwen25-tied"]
+    built = _build(src, tmp_path / "a", weights="int8", ratio=1.0, method="none")
+    m = load_manifest(built.path)
+    assert m.weights.lm_head and m.parity["ok"] and m.parity["greedy_tokens"]["equal"]
+    table = np.load(built.path / "embed_tokens.npy")
+    weights = load_file(str(src / "model.safetensors"))
+    embed = next(v for k, v in weights.items() if k.endswith("embed_tokens.weight"))
+    np.testing.assert_array_equal(table, embed.astype(table.dtype))

@@ -62,8 +62,19 @@ def test_every_linear_is_quantized_and_fused_by_onnx_runtime(quantized, dtype):
 
 
 def test_lm_head_int8(art, tmp_path):
-    _, result = _quantized_copy(art, tmp_path, "int4", lm_head=True)
+    out, result = _quantized_copy(art, tmp_path, "int4", lm_head=True)
     assert result.layers == LINEARS + 1 and result.lm_head
+    fast = wquant.fast_path(out / "llm.onnx")  # the head runs on MatMulNBits too (8 bits), next to the int4 layers
+    assert fast["matmulnbits"] == {4: LINEARS, 8: 1} and fast["unfused"] == [], fast
+
+
+def test_rms_norms_export_in_the_form_onnx_runtime_fuses(art):
+    """torch.rsqrt exports as Sqrt + Reciprocal, which ONNX Runtime does not fuse; the exporter rewrites it to
+    Div (vtc.export.onnx_export.rms_norm_as_div), so each RMSNorm runs as one SimplifiedLayerNormalization."""
+    model = onnx.load(str(art / "llm.onnx"), load_external_data=False)
+    assert not [n for n in model.graph.node if n.op_type == "Reciprocal"]
+    fast = wquant.fast_path(art / "llm.onnx")
+    assert fast["ops"].get("SimplifiedLayerNormalization") == 2 * 2 + 1, fast["ops"]  # 2 per layer + the final norm
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ def bench_checkpoint() -> Path:
 
 def build_artifact(ckpt: Path, method: str, ratio: float, root: Path, kv_cache: str = "fp32",
                    weights: str = "fp") -> Path:
+    from vtc.export import wquant
     from vtc.export.build import BuildArgs, build
 
     from vtc.runtime import manifest as mf
@@ -46,14 +47,17 @@ def build_artifact(ckpt: Path, method: str, ratio: float, root: Path, kv_cache: 
 
     out = root / (f"{method}-r{ratio:g}" + ("" if kv_cache == "fp32" else f"-kv{kv_cache}")
                   + ("" if weights == "fp" else f"-w{weights}"))
-    try:
-        mf.load(out, check_files=False)
-        return out  # built by an earlier bench run with a compatible vtc
-    except ArtifactError:
-        pass
     k_max = 577  # the same cache length for every variant, so decode times compare like for like
     args = BuildArgs(model=str(ckpt), method=method, ratio=ratio, output=str(out), text_budget=32,
                      max_seq_len=k_max + 32 + 64, force=True, parity_tokens=4, kv_cache=kv_cache, weights=weights)
+    try:
+        m = mf.load(out, check_files=False)
+        head = bool(m.weights and m.weights.lm_head)
+        if all(m.build_args.get(k) == getattr(args, k) for k in ("weights", "kv_cache", "max_seq_len")) \
+                and head == wquant.head_int8(args):
+            return out  # built by an earlier bench run with a compatible vtc and the same settings
+    except ArtifactError:
+        pass
     t0 = time.perf_counter()
     build(args, lambda _label: contextlib.nullcontext())
     print(f"built {out.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -171,6 +175,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def ratios_first(results: dict) -> str:
+    """The ratio of the quantized-weight pool variant (bench's first --ratio), as its result name spells it."""
+    name = next((n for n in results if n.startswith("vtc pool r") and n.endswith(" wint4")), "vtc pool r0.25 wint4")
+    return name.split(" r")[1].split(" ")[0]
+
+
 def report(results: dict, args, paired: dict | None = None) -> None:
     print(f"\nbench-size random LLaVA, {args.threads} threads, {args.new_tokens} new tokens, "
           f"median of {args.runs} runs (CPU, ONNX Runtime)")
@@ -204,6 +214,20 @@ def report(results: dict, args, paired: dict | None = None) -> None:
         verdict = f"{'PASS' if slower <= 1.15 else 'FAIL'}" if kv == "int8" else "(no target)"
         print(f"  decode ms/token pool {kv} KV / fp32 KV, interleaved runs: {kv_ms:.2f} / {fp32_ms:.2f} = {slower:.2f}x "
               f"(target <= 1.15x): {verdict}")
+    for w in ("int8", "int4"):  # issue 14: TTFT with quantized weights no worse than with float weights
+        q = results.get(f"vtc none r1 w{w}")
+        if q:
+            print(f"  TTFT r1.0 {w} weights / fp32: {q['ttft_ms']:.0f} / {full['ttft_ms']:.0f} ms = "
+                  f"{q['ttft_ms'] / full['ttft_ms']:.2f}x (target <= 1.0x): {'PASS' if q['ttft_ms'] <= full['ttft_ms'] else 'FAIL'}")
+    # issue 14's OpenVINO GenAI 2026.4 figures (int8 weights, same bench-size checkpoint, 2 threads, this machine class;
+    # measured by the issue's author, not here): TTFT 170 ms, decode 5.3 ms/token.
+    w8, w4p = results.get("vtc none r1 wint8"), results.get(f"vtc pool r{ratios_first(results)} wint4")
+    if w8:
+        print(f"  decode ms/token r1.0 int8 weights vs OpenVINO int8's 5.3: {w8['decode_ms']:.2f} "
+              f"(target <= 5.3): {'PASS' if w8['decode_ms'] <= 5.3 else 'FAIL'}")
+    if w4p:
+        print(f"  TTFT pool 0.25 int4 weights vs 60% of OpenVINO int8's 170 ms: {w4p['ttft_ms']:.0f} ms "
+              f"(target <= 102): {'PASS' if w4p['ttft_ms'] <= 102 else 'FAIL'}")
     worst = max(r["overhead_pct"] for r in results.values() if "overhead_pct" in r)
     print(f"  runtime overhead outside ONNX Runtime, decode: max {worst:.2f}% (target < 3%): "
           f"{'PASS' if worst < 3 else 'FAIL'}")

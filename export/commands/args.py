@@ -5,7 +5,7 @@ library module from the parsed arguments (`parse`), so no command maps flags to 
 
     BuildOptionsArgs   --model --method --ratio --method-opt [--output ... --force] -> build.BuildArgs fields
     KvCacheArgs        "KV cache" flags                        -> BuildArgs kv_* / calib_* fields
-    WeightsArgs        --weights --group-size --weights-algo   -> BuildArgs weights / group_size / weights_algo
+    WeightsArgs        --weights --group-size --weights-algo --lm-head -> BuildArgs weights / group_size / weights_algo / lm_head
     EngineArgs         "TensorRT engines" flags                -> BuildArgs backend/engine; tensorrt.EngineOptions fields
     RuntimeBackendArgs --threads [--backend --provider]        -> vtc.runtime.get_backend(...)
     SweepOptionsArgs   every `sweep` flag                      -> sweep.SweepArgs
@@ -149,9 +149,13 @@ class WeightsArgs:
         g.add_argument("--weights-algo", default="rtn", choices=["rtn", "awq"],
                        help="rtn: round to nearest (default); awq: activation-aware scales searched on the calibration "
                             "set (--calib-images/--calib-prompts, else the default set) and folded in before export")
+        g.add_argument("--lm-head", default=None, choices=["int8", "fp"],
+                       help="the LM head (the largest single MatMul of a decode step) with --weights int8|int4: int8 "
+                            "per output channel (default) or fp (the graph dtype)")
 
     def parse(self, args) -> dict:
-        return dict(weights=args.weights, group_size=args.group_size, weights_algo=args.weights_algo)
+        return dict(weights=args.weights, group_size=args.group_size, weights_algo=args.weights_algo,
+                    lm_head=args.lm_head)
 
 
 class EngineArgs:
@@ -251,6 +255,13 @@ class SweepOptionsArgs:
                             help="JSONL {image, question, answer[, type]} per line, or the synthetic task (default)")
         parser.add_argument("--eval-seed", type=int, default=1, metavar="S", help="seed of the synthetic set (default 1)")
         add_image_splits(parser, " of every variant")
+        parser.add_argument("--weights", default="fp", metavar="W,W,...",
+                            help="LLM weights per variant: fp (the graph dtype), int8 (per channel), int4 (blocked, round "
+                                 "to nearest), int4-awq (blocked, AWQ scales on the calibration set); comma list sweeps "
+                                 "each (default fp)")
+        parser.add_argument("--group-size", type=int, default=128, metavar="G",
+                            help="int4 block size of every int4 variant: a power of two >= 16 dividing the layers' input "
+                                 "dims (default 128; the demo model needs 64)")
         parser.add_argument("--force", action="store_true", help="start over: rebuild and re-measure every variant")
 
     def parse(self, args):
@@ -270,7 +281,8 @@ class SweepOptionsArgs:
                          threads=RuntimeBackendArgs.threads(args), max_seq_len=args.max_seq_len or DEFAULT_MAX_SEQ_LEN,
                          text_budget=args.text_budget or DEFAULT_TEXT_BUDGET, force=args.force,
                          kv_caches=_names(args.kv_cache), eval_n=args.eval, eval_dataset=args.eval_dataset,
-                         eval_seed=args.eval_seed, image_splits=image_splits(args))
+                         eval_seed=args.eval_seed, image_splits=image_splits(args), weights=_names(args.weights),
+                         group_size=args.group_size)
 
 
 def _names(text: str) -> tuple:

@@ -54,6 +54,11 @@ def run(args) -> int:
         from rich.markup import escape
 
         out.print(f"[yellow]note:[/] parity checked LLM {escape(p['scope']['llm'])}")
+    sel = p.get("selection", {})
+    if "reference" in sel:  # parity.check re-ran the reference on the artifact's own in-LLM selection
+        out.print(f"[yellow]note:[/] the artifact's selection differs from PyTorch's in {sel['differing']} of "
+                  f"{sel['kept']} kept tokens (near-ties under the {p['kv_dtype']} KV cache / {p['graph_dtype']} "
+                  "graphs); the logits were checked against PyTorch run on the artifact's selection")
     if built.lint is not None:
         from vtc.export.report import print_lint
 

@@ -19,6 +19,7 @@ def add_parser(subparsers):
           vtc-export sweep --model ./llava-1.5-7b-hf --methods pool,fastv --ratios 1.0,0.25 --runs 10
           vtc-export sweep --methods pool --ratios 0.5 --image a.jpg --image b.jpg --prompt "Describe it."
           vtc-export sweep --methods pool --ratios 1.0,0.25 --kv-cache fp32,int8   # also with an INT8 KV cache
+          vtc-export sweep --methods fastv --ratios 1.0,0.25 --weights int8,int4,int4-awq --group-size 64 --eval 500
           vtc-export sweep --model ./SmolVLM-256M-Instruct --methods pool,divprune --ratios 1.0,0.25 --image-splits 2 2
         """)
     OPTIONS.add_to_parser(s)
@@ -62,18 +63,25 @@ def _print_sweep(rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="sweep", title_justify="left")
-    cols = (("variant", "variant", None), ("K", "k_visual", "{}"), ("TTFT p50 ms", "ttft_ms_p50", "{:.1f}"),
-            ("ViT ms", "vit_time_ms_p50", "{:.1f}"), ("prefill ms", "prefill_time_ms_p50", "{:.1f}"),
-            ("TPOT ms", "tpot_ms_p50", "{:.2f}"), ("KV MiB", "kv_cache_prompt_bytes", "mib"),
+    cols = (("variant", "variant", None), ("KV", "kv_cache", None), ("weights", "weights", "weights"),
+            ("K", "k_visual", "{}"), ("TTFT p50 ms", "ttft_ms_p50", "{:.1f}"), ("ViT ms", "vit_time_ms_p50", "{:.1f}"),
+            ("prefill ms", "prefill_time_ms_p50", "{:.1f}"), ("TPOT ms", "tpot_ms_p50", "{:.2f}"),
+            ("KV MiB", "kv_cache_prompt_bytes", "mib"),
             ("greedy agree", "greedy_agreement", "{:.0%}"), ("prefix tok", "greedy_prefix_tokens", "{:.1f}"),
             ("KL 1st tok", "first_token_kl", "{:.3g}"), ("accuracy", "accuracy", "{:.1%}"), ("build s", "build_s", "{:.1f}"))
     for head, _key, fmt in cols:
-        table.add_column(head, justify="left" if fmt is None else "right")
+        table.add_column(head, justify="left" if fmt in (None, "weights") else "right")
     for r in rows:
-        cells = []
-        for _head, key, fmt in cols:
-            v = r.get(key)
-            cells.append("-" if v is None else str(v) if fmt is None else format_bytes(v, "MiB", suffix=False)
-                         if fmt == "mib" else fmt.format(v))
-        table.add_row(*cells)
+        table.add_row(*(_cell(r, key, fmt) for _head, key, fmt in cols))
     out.print(table)
+
+
+def _cell(r: dict, key: str, fmt: str | None) -> str:
+    from vtc.export.sweep import weights_label
+
+    v = r.get(key)
+    if fmt == "weights":
+        return weights_label(r.get("weights", "fp"), r.get("group_size"))  # rows from before --weights are fp
+    if v is None:
+        return "-"
+    return str(v) if fmt is None else format_bytes(v, "MiB", suffix=False) if fmt == "mib" else fmt.format(v)
