@@ -144,7 +144,9 @@ def main(argv=None) -> int:
 
     quiet_transformers()
     ckpt = bench_checkpoint()
-    root = args.workdir or ckpt.parent / "bench-artifacts-v3"
+    from vtc.export.onnx_export import EXPORT_REVISION
+
+    root = args.workdir or ckpt.parent / f"bench-artifacts-v3-export{EXPORT_REVISION}"  # rebuilt when the graphs change
     from vtc.export import methods as registry
 
     wanted = [m for m in args.methods.split(",") if m]
