@@ -131,7 +131,8 @@ def test_awq_build_path_graph_equals_hf_with_its_quantized_weights(tiny_checkpoi
     n = bp.lm.num_layers
     graphs = {"llm": graph_loaders(bp, KVQuant.float32(n))["llm"](tmp_path / "llm.onnx")}
     record = wquant.quantize_step(tmp_path, bp, graphs, nullstep)
-    assert record.layers == 14 and record.graphs["llm"]["clipped"] == 10 and record.awq["pairs"] == 3
+    assert record.layers == 15 and record.lm_head  # 2 layers x 7 + the LM head (int8, the default)
+    assert record.graphs["llm"]["clipped"] == 10 and record.awq["pairs"] == 3
     wquant.fake_quantize(bp)
     lm = bp.adapter.static_cache_lm(bp.model)
     g = torch.Generator().manual_seed(0)
