@@ -75,7 +75,8 @@ def test_int8_head_of_tied_embeddings_leaves_the_embeddings_float(tiny_checkpoin
     from safetensors.numpy import load_file
 
     src = tiny_checkpoints["qwen25-tied"]
-    built = _build(src, tmp_path / "a", weights="int8", ratio=1.0, method="none")
+    built = build(BuildArgs(model=str(src), output=str(tmp_path / "a"), max_seq_len=256, text_budget=64, weights="int8",
+                            ratio=1.0, method="none", image_size=(112, 112)), nullstep)
     m = load_manifest(built.path)
     assert m.weights.lm_head and m.parity["ok"] and m.parity["greedy_tokens"]["equal"]
     table = np.load(built.path / "embed_tokens.npy")
