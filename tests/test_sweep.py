@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from vtc.export import build as build_mod
 from vtc.export import sweep as sw
 from vtc.export.cli import main
 from vtc.runtime import manifest as mf
@@ -24,18 +23,6 @@ def sweep_args(model: Path, out: Path, **kw) -> sw.SweepArgs:
                 warmup=1, max_new_tokens=4, fidelity_tokens=12, max_seq_len=256, text_budget=48)
     return sw.SweepArgs(**{**base, **kw})
 
-
-@pytest.fixture
-def build_spy(monkeypatch) -> list[str]:
-    """Names of the variants `build` is called for."""
-    calls, real = [], build_mod.build
-
-    def spy(args, step, **kw):
-        calls.append(Path(args.output).name)
-        return real(args, step, **kw)
-
-    monkeypatch.setattr(build_mod, "build", spy)
-    return calls
 
 
 class Interrupt(KeyboardInterrupt):

@@ -24,18 +24,6 @@ def sweep_args(model: Path, out: Path, **kw) -> sw.SweepArgs:
     return sw.SweepArgs(**{**base, **kw})
 
 
-@pytest.fixture
-def build_spy(monkeypatch) -> list[str]:
-    """Names of the variants `build` is called for (as tests/test_sweep.py)."""
-    calls, real = [], build_mod.build
-
-    def spy(args, step, **kw):
-        calls.append(Path(args.output).name)
-        return real(args, step, **kw)
-
-    monkeypatch.setattr(build_mod, "build", spy)
-    return calls
-
 
 def names(**kw) -> list[str]:
     return [v.name for v in sw.plan_variants(sweep_args(Path("m"), Path("out"), **kw))]

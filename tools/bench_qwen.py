@@ -24,14 +24,14 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+from bench_smolvlm import _timed  # noqa: E402  (same /usr/bin/time -v wrapper)
 PROMPT = "What shapes do you see in the picture?"
 IMAGE = REPO / "examples" / "shapes.png"
 TEXT_BUDGET, ROOM = 48, 64  # build --text-budget (the prompt in Qwen's template is 39 tokens), new tokens' room
@@ -78,16 +78,6 @@ def applicable_methods(ckpt: Path, image_size: list[int]) -> list[str]:
     adapter = models.resolve(ckpt).with_image_size(tuple(image_size))
     spec = adapter.visual_spec(SimpleNamespace(config=AutoConfig.from_pretrained(ckpt, local_files_only=True)))
     return [m.name for m in methods.all_methods() if m.compresses and m.applies_to(spec)]
-
-
-def _timed(cmd: list[str], log: Path) -> tuple[int, float, int, str]:
-    """(exit code, wall s, peak RSS bytes, output tail) of `cmd` under /usr/bin/time -v; all output to `log`."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=REPO)
-    wall = time.perf_counter() - t0
-    log.write_text(proc.stdout + proc.stderr)
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    return proc.returncode, wall, int(rss.group(1)) * 1024 if rss else -1, (proc.stdout + proc.stderr)[-3000:]
 
 
 def build(ckpt: Path, root: Path, method: str, ratio: float, image_size: list[int], n_visual: int) -> dict:
