@@ -42,6 +42,38 @@ class GraphSession:
         raise NotImplementedError
 
 
+_SHARED_POOL: list[int] = []  # [intra-op size] once this process's sessions run on one shared pool (0: ORT's default)
+
+
+def shared_thread_pool(threads: int | None) -> None:
+    """Run every ONNX Runtime session of this process on one shared pool of `threads` intra-op threads (None:
+    ONNX Runtime's default); a second call must ask for the same size. The commands that own their process
+    (`run`, `profile`, `eval`, `sweep`, the benches) call it; a library user may, before opening an artifact.
+
+    Why: ONNX Runtime makes one thread pool per session by default, and an artifact runs 2-4 sessions in
+    turn (vision, LLM, in-LLM segments). A pool's threads spin for a while after its session's run, so on a
+    small CPU the next session competes with them. Measured on 2 cores (bench-size LLaVA, int4, pool 0.25):
+    the vision graph took 83 ms right after a generation and 50 ms after a pause; TTFT p50 234 ms with
+    per-session pools, 160-167 ms with one shared pool. The pool is ONNX Runtime's global thread pool: process
+    wide, sized once, and once it exists ONNX Runtime refuses sessions with their own pools, which is why
+    opening an artifact does not make it behind the caller's back."""
+    n = threads or 0
+    if _SHARED_POOL:
+        if _SHARED_POOL[0] != n:
+            raise UsageError(f"this process already runs ONNX Runtime on one shared pool of "
+                             f"{_SHARED_POOL[0] or 'the default number of'} threads, and {n or 'the default'} were asked for.",
+                             "Use one thread count per process (--threads / VTC_THREADS), or run in a new process.")
+        return
+    from onnxruntime.capi import _pybind_state
+
+    try:
+        _pybind_state.set_global_thread_pool_sizes(n, 1)
+    except Exception as e:  # ONNX Runtime's global pools were made earlier in this process, not by vtc
+        raise BackendError(f"ONNX Runtime's shared thread pool exists already in this process: {e}",
+                           "Open vtc artifacts before making ONNX Runtime's global thread pools elsewhere.") from e
+    _SHARED_POOL.append(n)
+
+
 class OrtSession(GraphSession):
     def __init__(self, path: Path, spec: GraphSpec, threads: int | None, provider: str = "cpu", spin: bool = True,
                  memory_arena: bool = True, matmul_accuracy_level: int | None = None):
@@ -53,11 +85,14 @@ class OrtSession(GraphSession):
         opts.enable_cpu_mem_arena = memory_arena  # see OrtBackend
         if matmul_accuracy_level is not None:  # quantized weights (MatMulNBits): see OrtBackend
             opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(matmul_accuracy_level))
-        if threads:
-            opts.intra_op_num_threads = threads
-        if not spin:  # see OrtBackend.prepare
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            opts.inter_op_num_threads = 1
+        if _SHARED_POOL:  # see shared_thread_pool; OrtBackend.open checked `threads` against its size
+            opts.use_per_session_threads = False
+        else:
+            if threads:
+                opts.intra_op_num_threads = threads
+            if not spin:  # see OrtBackend.prepare
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         providers, self.fallback = ort_providers(ort, provider)
         if providers[0] == "CPUExecutionProvider" and any(t.dtype == "bfloat16" for t in spec.inputs):
@@ -175,13 +210,16 @@ class OrtBackend:
         self.spin = True
 
     def prepare(self, manifest) -> None:
-        """Per-artifact session settings. An LLM split into segments (in-LLM methods) runs two sessions
-        per decode step; each session's intra-op threads spin after their work and starve the other's on a
-        small CPU (measured on 2 cores: 33 vs 18.5 ms/token), so spinning is off there. A single LLM
-        graph keeps spinning (16.6 vs 21.3 ms/token without)."""
+        """Per-artifact session settings. Where the process has no shared pool (`shared_thread_pool`), each
+        session gets its own; then an LLM split into segments (in-LLM methods), which runs two sessions per
+        decode step, turns spinning off, because each session's threads spin after their work and starve the
+        other's on a small CPU (measured on 2 cores: 33 vs 18.5 ms/token); a single LLM graph keeps spinning
+        (16.6 vs 21.3 ms/token without). The shared pool spins, whatever the artifact."""
         self.spin = "llm" in manifest.graphs
 
     def open(self, artifact_dir: Path, spec: GraphSpec) -> GraphSession:
+        if _SHARED_POOL and self.threads:
+            shared_thread_pool(self.threads)  # the same size as the shared pool, or a UsageError
         session = OrtSession(Path(artifact_dir) / spec.file, spec, self.threads, self.provider, self.spin,
                              self.memory_arena, self.matmul_accuracy_level)
         self.fallback = self.fallback or session.fallback
@@ -190,8 +228,11 @@ class OrtBackend:
     def describe(self) -> dict:
         import onnxruntime as ort
 
-        return {"backend": self.name, "version": ort.__version__, "provider": self.provider,
-                "threads": self.threads or "default", **({"fallback": self.fallback} if self.fallback else {})}
+        shared = bool(_SHARED_POOL)
+        threads = (_SHARED_POOL[0] if shared else self.threads) or "default"
+        return {"backend": self.name, "version": ort.__version__, "provider": self.provider, "threads": threads,
+                "thread_pool": "shared" if shared else "per-session",
+                **({"fallback": self.fallback} if self.fallback else {})}
 
 
 def get_backend(name: str = "onnxruntime", threads: int | None = None, provider: str = "cpu", **kwargs):

@@ -111,7 +111,9 @@ def host_facts(backend) -> dict:
                      for g in gpus()],
             "backend": desc.get("backend"), "backend_version": desc.get("version"),
             "execution_provider": desc.get("provider"), "threads": desc.get("threads"),
-            "env_threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "VTC_THREADS") if k in os.environ},
+            "thread_pool": desc.get("thread_pool"),
+            "env_threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "VTC_THREADS", "VTC_SHARED_POOL")
+                            if k in os.environ},
             "libraries": library_versions(),
             "nvpmodel": tegrastats.nvpmodel_mode() if jetson else "unknown",
             "jetson_clocks": tegrastats.jetson_clocks_state() if jetson else "unknown"}

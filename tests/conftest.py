@@ -11,6 +11,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite runs many commands with different --threads in one process; ONNX Runtime's shared pool is sized
+# once per process (vtc.runtime.backend.shared_thread_pool), so in-process commands keep per-session pools here.
+# test_runtime_isolation checks the shared pool in fresh interpreters.
+os.environ["VTC_SHARED_POOL"] = "0"
 
 from tests.helpers.builds import nullstep  # noqa: E402
 from tests.helpers.tiny import ALL_TINY, write_tiny  # noqa: E402

@@ -107,3 +107,60 @@ def test_cli_profile_without_torch(tmp_path, art):
         sys.exit(rc)
     """, art, tmp_path, tmp_path=tmp_path)
     assert "TTFT" in proc.stdout and (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "p.csv").is_file()
+
+
+def test_sessions_share_one_thread_pool_once_asked(tmp_path, art, artifact_factory):
+    """Opening an artifact leaves ONNX Runtime's per-session pools alone; after shared_thread_pool(n) every graph
+    runs on that one pool (a single-LLM artifact and an in-LLM method's segments), a backend asking for another
+    size is refused, and the tokens are the same in every case."""
+    fastv = artifact_factory("mqa-layer-1", "fastv", 0.25, method_options={})
+    proc = run_blocked("""
+        import json
+        from vtc.runtime.backend import get_backend, shared_thread_pool
+        from vtc.runtime.errors import UsageError
+        from vtc.runtime.pipeline import VLM
+
+        out = {}
+        def gen(a, threads):
+            vlm = VLM(a, backend=get_backend(threads=threads))
+            res = vlm.generate(sys.argv[3], sys.argv[4], max_new_tokens=4)
+            out.setdefault(a, []).append([vlm.backend.describe()["thread_pool"], res.token_ids])
+        for a in sys.argv[1:3]:
+            gen(a, 2)
+        shared_thread_pool(1)
+        shared_thread_pool(1)  # asking again for the same size is fine
+        for a in sys.argv[1:3]:
+            gen(a, 1)
+            gen(a, None)
+            try:
+                VLM(a, backend=get_backend(threads=2))
+            except UsageError as e:
+                assert "one shared pool of 1 threads" in str(e), e
+            else:
+                raise AssertionError("a second pool size was accepted")
+        assert_still_clean()
+        print(json.dumps(out))
+    """, art, fastv, SHAPES, PROMPT, tmp_path=tmp_path)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(got) == 2
+    for runs in got.values():
+        assert [pool for pool, _ in runs] == ["per-session", "shared", "shared"]
+        assert runs[0][1] == runs[1][1] == runs[2][1]
+
+
+def test_profile_command_runs_on_the_shared_pool(tmp_path, art):
+    """The commands that own their process (run, profile, eval, sweep) make the shared pool at --threads; the
+    report says so. (The rest of the suite sets VTC_SHARED_POOL=0, since it runs many commands in one process.)"""
+    proc = run_blocked("""
+        import json, os
+        os.environ.pop("VTC_SHARED_POOL", None)
+        from vtc.export.cli import main
+
+        rc = main(["profile", sys.argv[1], "--runs", "1", "--warmup", "0", "--max-new-tokens", "2", "--threads", "1",
+                   "--json", "report.json"])
+        assert rc == 0, rc
+        assert_still_clean()
+        host = json.load(open("report.json"))["host"]
+        print(json.dumps([host["thread_pool"], host["threads"]]))
+    """, art, tmp_path=tmp_path)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["shared", 1]

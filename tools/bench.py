@@ -139,6 +139,9 @@ def main(argv=None) -> int:
                          "first --ratio, decode interleaved against float weights")
     ap.add_argument("--workdir", type=Path, default=None, help="where artifacts go (default: the vtc cache)")
     args = ap.parse_args(argv)
+    from vtc.runtime.backend import shared_thread_pool
+
+    shared_thread_pool(args.threads)  # every graph of every artifact on one ONNX Runtime pool, as the CLI does
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from vtc.export.commands.ui import quiet_transformers
 

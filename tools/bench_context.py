@@ -48,6 +48,9 @@ def main(argv=None) -> int:
     for flag in ("rounds", "runs", "new_tokens", "threads"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: pass a positive number")
+    from vtc.runtime.backend import shared_thread_pool
+
+    shared_thread_pool(args.threads)  # every graph of every artifact on one ONNX Runtime pool, as the CLI does
 
     from vtc.export.commands.ui import quiet_transformers
     from vtc.runtime import profiler

@@ -161,6 +161,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if min(args.runs, args.rounds, args.threads) < 1 or not 1 <= args.new_tokens < ROOM:
         ap.error(f"--runs, --rounds and --threads must be at least 1 and --new-tokens in 1..{ROOM - 1}")
+    from vtc.runtime.backend import shared_thread_pool
+
+    shared_thread_pool(args.threads)  # every graph of every artifact on one ONNX Runtime pool, as the CLI does
     if not 0 < args.ratio < 1:
         ap.error(f"--ratio {args.ratio}: pass a ratio in (0, 1), e.g. 0.25")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

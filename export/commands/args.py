@@ -15,6 +15,8 @@ Nothing heavy is imported here: the defaults come from vtc.export.build (no torc
 
 from __future__ import annotations
 
+import os
+
 from vtc.runtime.errors import UsageError
 
 MODEL_HELP = "local Hugging Face checkpoint directory (default: built-in demo)"
@@ -208,11 +210,16 @@ class RuntimeBackendArgs:
 
     @staticmethod
     def threads(args) -> int | None:
-        """--threads checked against the usable cores (and VTC_THREADS too), before any work: None = default."""
-        from vtc.runtime.backend import check_threads, env_threads
+        """--threads checked against the usable cores (and VTC_THREADS too), before any work: None = default.
+        The command owns its process, so its ONNX Runtime sessions share one pool of that size
+        (vtc.runtime.backend.shared_thread_pool), unless VTC_SHARED_POOL=0 (per-session pools: the test suite,
+        which runs many commands in one process, or a comparison)."""
+        from vtc.runtime.backend import check_threads, env_threads, shared_thread_pool
 
-        env_threads()
-        return check_threads(args.threads)  # 0 = ONNX Runtime's default
+        threads = check_threads(args.threads) or env_threads()  # 0 = VTC_THREADS, else ONNX Runtime's default
+        if os.environ.get("VTC_SHARED_POOL", "1") != "0":
+            shared_thread_pool(threads)
+        return threads
 
     def parse(self, args):
         """The backend object; an ONNX Runtime backend's `fallback` says why it left the asked provider."""
