@@ -10,12 +10,13 @@ DEMO_ART := artifacts/demo-llava-fastv-r0.25
 
 ACC_DIR  := artifacts/sweep-accuracy
 
-.PHONY: setup demo test test-all bench bench-scale accuracy train-demo clean help
+.PHONY: setup demo test test-all bench bench-openvino bench-scale accuracy train-demo clean help
 
 help:
 	@echo "make demo    build the demo model with FastV at ratio 0.25, ask it one question, score it, print a summary"
 	@echo "make test    run the test suite (CPU, ONNX Runtime; TensorRT tests skip without TensorRT)"
 	@echo "make bench   TTFT and decode latency on a bench-size random LLaVA vs HF transformers, SmolVLM-256M geometry (build RSS, TTFT, decode), a bench-size Qwen2.5-VL-like model (TTFT at 1.0 vs 0.25 per method, KV bytes), then make accuracy"
+	@echo "make bench-openvino  vtc (fp32, int8, int4, int4 + pool 0.25) against OpenVINO GenAI int8 on this machine, interleaved (makes $(OV_VENV))"
 	@echo "make bench-scale  build a random-weight LLaVA-1.5-7B-geometry checkpoint (fp16; 2 and 32 LLM layers): time, peak RSS, size, latency"
 	@echo "make accuracy  accuracy per question type x method x ratio (and KV dtype, quantized weights) of the demo model -> $(ACC_DIR)/accuracy.md"
 	@echo "make train-demo  retrain the demo model from scratch (CPU, about 50 min on 2 cores) into export/data/demo-model"
@@ -48,6 +49,23 @@ bench: setup
 	$(BIN)/python tools/bench_smolvlm.py --image-splits 2 2
 	$(BIN)/python tools/bench_qwen.py
 	$(MAKE) accuracy
+
+# OpenVINO GenAI beside vtc (tools/bench_openvino.py). Its own venv: optimum-intel pins transformers < 5.6. torch
+# first (the local CPU wheel, also as a constraint); optimum-intel without its torchvision requirement (no CPU
+# torchvision here; the LLaVA export does not use it), then the rest of its requirements.
+OV_VENV := .venv-openvino
+$(OV_VENV)/.installed:
+	$(PYTHON) -m venv $(OV_VENV)
+	$(OV_VENV)/bin/python -m pip install --quiet $(TORCH)
+	echo "$(TORCH)" > $(OV_VENV)/constraints.txt
+	$(OV_VENV)/bin/python -m pip install --quiet -c $(OV_VENV)/constraints.txt --no-deps 'optimum-intel==2.2.0'
+	$(OV_VENV)/bin/python -m pip install --quiet -c $(OV_VENV)/constraints.txt 'optimum~=2.3.0' \
+		'transformers>=4.51,<5.6' 'huggingface-hub<1.22' nncf 'openvino==2026.4.*' 'openvino-tokenizers==2026.4.*' \
+		'openvino-genai==2026.4.*' pillow setuptools 'requests>=2.33'
+	touch $@
+
+bench-openvino: setup $(OV_VENV)/.installed
+	$(BIN)/python tools/bench_openvino.py --ov-python $(OV_VENV)/bin/python
 
 # Real scale: needs ~30 GB of disk and, for the 32-layer build, most of a 24 GB machine (see README, Real scale).
 bench-scale: setup
