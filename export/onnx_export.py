@@ -65,7 +65,7 @@ def quiet_export():
 
 
 # Bumped when the exported graphs change for the same model and arguments (the sweep's graph cache keys on it).
-EXPORT_REVISION = 3  # 2: RMSNorm as Div(x, Sqrt(.)) (rms_norm_as_div); 3: past scores as (K q^T)^T
+EXPORT_REVISION = 4  # 2: RMSNorm as Div(x, Sqrt(.)) (rms_norm_as_div); 3: past scores as (K q^T)^T; 4: q/k/v and gate/up fused in quantized graphs
 
 
 def rms_norm_as_div():

@@ -84,6 +84,7 @@ class GraphResult:
     data_bytes_after: int = 0
     opset: int = 18
     clipped: int = 0  # int4 layers clamped to AWQ's clipping thresholds before quantization
+    matmuls: int = 0  # quantized MatMul nodes: q/k/v and gate/up fused (sibling_groups), so fewer than layers
 
 
 @dataclass
@@ -373,11 +374,10 @@ class _Data:
         return t
 
 
-def _quantize_linear(src: _Tensor, lin: Linear, dtype: str, group: int | None, out: _Data, clip=None):
-    """Write q (int8 / packed int4) then the scales; (q TensorProto, scale TensorProto, DQ node).
-    `clip` [K/g, N] (int4): each block is clamped to +-clip first (AWQ's clipping search)."""
-    from onnx import TensorProto, helper
-
+def _quantized_rows(src: _Tensor, lin: Linear, dtype: str, group: int | None, clip=None):
+    """Quantize a [K, N] weight in row chunks: (the per-channel scale [N] or None, a generator of (q rows,
+    their [rows/g, N] block scales or None)). `clip` [K/g, N] (int4): each block is clamped to +-clip first
+    (AWQ's clipping search)."""
     act = src.t.data_type
     k, n = lin.k, lin.n
     unit = group or 2  # rows per step: whole blocks, and an even element count (int4 packing)
@@ -388,26 +388,66 @@ def _quantize_linear(src: _Tensor, lin: Linear, dtype: str, group: int | None, o
         for r0 in range(0, k, step):
             absmax = np.maximum(absmax, np.abs(src.rows(r0, min(k, r0 + step))).max(axis=0))
         scale = _stored(scales_for(absmax, dtype), act)
-    q_off, blocks = out.begin(), []
-    for r0 in range(0, k, step):
-        w = src.rows(r0, min(k, r0 + step))
-        if clip is not None:
-            c = np.repeat(clip[r0 // group:(r0 + w.shape[0]) // group], group, axis=0)
-            w = np.clip(w, -c, c)
-        s = scale if group is None else _stored(scales_for(block_absmax(w, group), dtype), act)
-        q = quantize_rows(w, s, dtype, group)
+
+    def chunks():
+        for r0 in range(0, k, step):
+            w = src.rows(r0, min(k, r0 + step))
+            if clip is not None:
+                c = np.repeat(clip[r0 // group:(r0 + w.shape[0]) // group], group, axis=0)
+                w = np.clip(w, -c, c)
+            s = scale if group is None else _stored(scales_for(block_absmax(w, group), dtype), act)
+            yield quantize_rows(w, s, dtype, group), (None if group is None else s)
+
+    return scale, chunks()
+
+
+def _write_quantized(name: str, act: int, shape, dtype: str, group: int | None, q_parts, scale_of, out: _Data):
+    """Write q (int8 / packed int4; `q_parts`: row chunks of the [K, N] weight), then the scales (`scale_of()`,
+    called after the rows, which bring int4's block scales); (q, scale, DequantizeLinear node), the node's
+    output named `name`."""
+    from onnx import TensorProto, helper
+
+    q_off = out.begin()
+    for q in q_parts:
         out.write(pack_int4(q) if dtype == "int4" else q.tobytes())
-        if group is not None:
-            blocks.append(s)
-    qtype = TensorProto.INT4 if dtype == "int4" else TensorProto.INT8
-    q_t = out.tensor(f"{lin.name}.wq", qtype, (k, n), q_off)
-    scale = scale if group is None else np.concatenate(blocks, axis=0)
+    q_t = out.tensor(f"{name}.wq", TensorProto.INT4 if dtype == "int4" else TensorProto.INT8, shape, q_off)
+    scale = scale_of()
     s_off = out.begin()
     out.write(_from_float32(scale, act))
-    s_t = out.tensor(f"{lin.name}.wscale", act, scale.shape, s_off)
+    s_t = out.tensor(f"{name}.wscale", act, scale.shape, s_off)
     attrs = {"axis": 1} if group is None else {"axis": 0, "block_size": group}
-    node = helper.make_node("DequantizeLinear", [q_t.name, s_t.name], [lin.name], name=f"{lin.name}.dq", **attrs)
+    node = helper.make_node("DequantizeLinear", [q_t.name, s_t.name], [name], name=f"{name}.dq", **attrs)
     return q_t, s_t, node
+
+
+def _quantize_linear(src: _Tensor, lin: Linear, dtype: str, group: int | None, out: _Data, clip=None):
+    """One weight, streamed row chunk by row chunk: (q TensorProto, scale TensorProto, DQ node)."""
+    scale, chunks = _quantized_rows(src, lin, dtype, group, clip)
+    blocks = []
+
+    def q_parts():
+        for q, s in chunks:
+            if s is not None:
+                blocks.append(s)
+            yield q
+
+    return _write_quantized(lin.name, src.t.data_type, (lin.k, lin.n), dtype, group, q_parts(),
+                            lambda: scale if group is None else np.concatenate(blocks, axis=0), out)
+
+
+def _quantize_fused(name: str, srcs: list, lins: list, dtype: str, group: int | None, out: _Data, clips: list):
+    """Sibling weights [K, N_i] (one input: q/k/v, gate/up), each quantized exactly as on its own, stored as one
+    [K, sum N_i] weight (concatenated along N, scales too): the same numbers, one MatMul (see fuse_siblings)."""
+    qs, scales = [], []
+    for src, lin, clip in zip(srcs, lins, clips):
+        scale, chunks = _quantized_rows(src, lin, dtype, group, clip)
+        parts = list(chunks)
+        qs.append(np.concatenate([q for q, _ in parts], axis=0))
+        scales.append(scale if group is None else np.concatenate([s for _, s in parts], axis=0))
+    q = np.concatenate(qs, axis=1)
+    del qs
+    scale = np.concatenate(scales, axis=-1)
+    return _write_quantized(name, srcs[0].t.data_type, q.shape, dtype, group, [q], lambda: scale, out)
 
 
 # -- the pass --------------------------------------------------------------------------------------
@@ -443,6 +483,47 @@ def quantize_graph(path: Path, dtype: str, group_size: int = 128, lm_head: bool 
     return result
 
 
+def sibling_groups(model, targets: dict) -> list[list[str]]:
+    """Quantized weights of MatMuls that read the same activation (q/k/v; gate/up), to fuse into one MatMul:
+    [[weight, ...], ...] in graph order, each group 2+ weights with one K and one float type, each weight
+    feeding exactly one MatMul. LM heads stay alone."""
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    by_input: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        w = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if w in targets and not targets[w].head and uses[w] == 1:
+            by_input.setdefault(node.input[0], []).append(w)
+    return [ws for ws in by_input.values()
+            if len(ws) > 1 and len({targets[w].k for w in ws}) == 1 and len({types[w] for w in ws}) == 1]
+
+
+def _fuse_matmuls(nodes: list, groups: list[list[str]], targets: dict) -> tuple[list, list]:
+    """Each group's MatMuls -> MatMul(x, fused weight) + Split along the last axis into the original outputs,
+    placed where the group's first MatMul was; (new nodes, Split size initializers)."""
+    from onnx import helper, numpy_helper
+
+    group_of = {w: g for g in groups for w in g}
+    out_of = {n.input[1]: n.output[0] for n in nodes if n.op_type == "MatMul" and n.input[1] in group_of}
+    new, sizes = [], []
+    for n in nodes:
+        g = group_of.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
+        if g is None:
+            new.append(n)
+            continue
+        if n.input[1] != g[0]:
+            continue  # emitted with the group's first MatMul
+        fused = f"{g[0]}.fused"
+        sizes.append(numpy_helper.from_array(np.array([targets[w].n for w in g], np.int64), f"{fused}.split"))
+        new.append(helper.make_node("MatMul", [n.input[0], fused], [f"{fused}.y"], name=f"{fused}.matmul"))
+        new.append(helper.make_node("Split", [f"{fused}.y", sizes[-1].name], [out_of[w] for w in g],
+                                    name=f"{fused}.split", axis=-1))
+    return new, sizes
+
+
 def _opset(model) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
@@ -474,23 +555,49 @@ def _rewrite(path: Path, model, targets: dict, dtype: str, group: int | None, re
     os.close(fd)
     fd, tmp_graph = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
     os.close(fd)
+    groups = sibling_groups(model, targets)
+    group_of = {w: g for g in groups for w in g}
+    by_name = {t.name: t for t in model.graph.initializer}
+
+    def clip_of(src, lin):
+        clip = None if lin.head or not clips else clips.get(src.sha256())
+        result.clipped += clip is not None
+        return clip
+
+    def count(lin, t, q_t, s_t, share: float = 1.0):
+        result.layers += 1
+        result.lm_head = result.lm_head or lin.head
+        result.bytes_before += lin.k * lin.n * np.dtype(np.uint16 if t.data_type in (10, 16) else np.float32).itemsize
+        result.bytes_after += round(share * sum(int(e.value) for x in (q_t, s_t) for e in x.external_data
+                                                if e.key == "length"))
+
     try:
         out, inits, dq = _Data(Path(tmp_data), location), [], []
         try:
             for t in model.graph.initializer:
                 src = _Tensor(directory, t)
                 lin = targets.get(t.name)
-                if lin is not None:
-                    clip = None if lin.head or not clips else clips.get(src.sha256())
-                    result.clipped += clip is not None
-                    q_t, s_t, node = _quantize_linear(src, lin, "int8" if lin.head else dtype, None if lin.head else group,
-                                                      out, clip)
+                g = group_of.get(t.name)
+                if g is not None:
+                    if t.name != g[0]:
+                        continue  # written with the group's first weight
+                    srcs = [_Tensor(directory, by_name[w]) for w in g]
+                    lins = [targets[w] for w in g]
+                    q_t, s_t, node = _quantize_fused(f"{g[0]}.fused", srcs, lins, dtype, group, out,
+                                                     [clip_of(x, li) for x, li in zip(srcs, lins)])
                     inits += [q_t, s_t]
                     dq.append(node)
-                    result.layers += 1
-                    result.lm_head = result.lm_head or lin.head
-                    result.bytes_before += lin.k * lin.n * np.dtype(np.uint16 if t.data_type in (10, 16) else np.float32).itemsize
-                    result.bytes_after += sum(int(e.value) for x in (q_t, s_t) for e in x.external_data if e.key == "length")
+                    total_n = sum(li.n for li in lins)
+                    for x, li in zip(srcs, lins):
+                        count(li, x.t, q_t, s_t, li.n / total_n)
+                    result.matmuls += 1
+                elif lin is not None:
+                    q_t, s_t, node = _quantize_linear(src, lin, "int8" if lin.head else dtype, None if lin.head else group,
+                                                      out, clip_of(src, lin))
+                    inits += [q_t, s_t]
+                    dq.append(node)
+                    count(lin, t, q_t, s_t)
+                    result.matmuls += 1
                 elif src.external:
                     offset = src.copy_to(out)
                     inits.append(out.tensor(t.name, t.data_type, t.dims, offset))
@@ -500,9 +607,9 @@ def _rewrite(path: Path, model, targets: dict, dtype: str, group: int | None, re
             out.f.close()
         result.data_bytes_after = out.pos
         graph = model.graph
+        nodes, sizes = _fuse_matmuls(list(graph.node), groups, targets)
         del graph.initializer[:]
-        graph.initializer.extend(inits)
-        nodes = list(graph.node)
+        graph.initializer.extend(inits + sizes)
         del graph.node[:]
         graph.node.extend(dq + nodes)
         if result.opset != _opset(model):

@@ -527,7 +527,7 @@ def _validate_engines(e, graphs: dict) -> None:
 
 WEIGHT_DTYPES, WEIGHT_ALGOS = ("int8", "int4"), ("rtn", "awq")
 WEIGHT_GRAPH_KEYS = {"layers", "lm_head", "bytes_before", "bytes_after", "data_bytes_before", "data_bytes_after", "opset",
-                     "clipped"}
+                     "clipped"}  # and "matmuls" (quantized MatMul nodes after fusing siblings), absent before vtc 0.1's fusion
 
 
 def _validate_weights(w, graphs: dict) -> None:
@@ -550,9 +550,12 @@ def _validate_weights(w, graphs: dict) -> None:
         _fail(f"manifest field weights.graphs names {_short(sorted(per_graph))}; it must name graphs of this artifact.")
     totals = {"layers": 0, "bytes_before": 0, "bytes_after": 0}
     for name, entry in per_graph.items():
-        _dict(entry, f"weights.graphs.{name}", WEIGHT_GRAPH_KEYS)
-        for key in WEIGHT_GRAPH_KEYS - {"lm_head"}:
+        _dict(entry, f"weights.graphs.{name}", WEIGHT_GRAPH_KEYS | ({"matmuls"} if "matmuls" in entry else set()))
+        for key in set(entry) - {"lm_head"}:
             _int(entry[key], f"weights.graphs.{name}.{key}", 0, LIMITS["file_bytes"])
+        if entry.get("matmuls", 0) > entry["layers"]:
+            _fail(f"manifest field weights.graphs.{name}.matmuls is {entry['matmuls']}, more than its {entry['layers']} "
+                  "quantized layers.")
         for key in totals:
             totals[key] += entry[key]
     for key, total in totals.items():

@@ -131,7 +131,7 @@ class WeightsInfo:
     bytes_before: int  # the quantized layers' float weights
     bytes_after: int  # their int8/int4 weights + scales
     graphs: dict  # graph name -> {layers, lm_head, bytes_before, bytes_after, data_bytes_before, data_bytes_after, opset,
-    #               clipped}
+    #               clipped, matmuls (optional: quantized MatMul nodes, q/k/v and gate/up fused)}
     min_tensorrt: str | None  # the oldest TensorRT that parses these graphs (INT4: opset 21)
     awq: dict  # the AWQ search summary (empty for rtn)
     accuracy: dict  # quantized vs float weights on held-out pairs (as kv_cache.accuracy); empty if not measured

@@ -20,6 +20,7 @@ from vtc.runtime.pipeline import VLM
 
 GROUP = 32  # divides the tiny model's hidden (64) and intermediate (128) sizes
 LINEARS = 14  # mha-default: 2 decoder layers x q/k/v/o/gate/up/down
+MATMULS = 8  # q/k/v and gate/up fused (wquant.sibling_groups): 2 layers x qkv/o/gate-up/down
 
 
 def _quantized_copy(art, tmp_path, dtype: str, **kw):
@@ -44,7 +45,7 @@ def quantized(art, tmp_path_factory):
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_every_linear_is_quantized_and_fused_by_onnx_runtime(quantized, dtype):
     out, result = quantized[dtype]
-    assert result.layers == LINEARS and not result.lm_head
+    assert result.layers == LINEARS and result.matmuls == MATMULS and not result.lm_head
     assert result.opset == (21 if dtype == "int4" else 18)
     ratio = result.bytes_after / result.bytes_before  # int8: 1/4 + scales; int4: 1/8 + scales (of float32)
     assert ratio < (0.27 if dtype == "int8" else 0.16), ratio
@@ -52,20 +53,22 @@ def test_every_linear_is_quantized_and_fused_by_onnx_runtime(quantized, dtype):
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}  # plugin-free: no com.microsoft in the file
     assert [lin.head for lin in wquant.find_linears(model)] == [True]  # only the LM head stays a float weight
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    assert len(dq) == LINEARS
+    assert len(dq) == MATMULS
+    splits = [n for n in model.graph.node if n.op_type == "Split" and n.name.endswith(".fused.split")]
+    assert sorted(len(n.output) for n in splits) == [2, 2, 3, 3]  # gate/up and q/k/v of each layer
     onnx.checker.check_model(str(out / "llm.onnx"))
     modes = {(out / f).stat().st_mode & 0o777 for f in ("llm.onnx", "llm.onnx.data", "vision.onnx")}
     assert len(modes) == 1, modes  # replaced files keep the artifact's permissions
     fast = wquant.fast_path(out / "llm.onnx")  # what ONNX Runtime 1.32 runs after its graph optimizations
-    assert fast["matmulnbits"] == {8 if dtype == "int8" else 4: LINEARS}, fast
+    assert fast["matmulnbits"] == {8 if dtype == "int8" else 4: MATMULS}, fast
     assert fast["unfused"] == [] and "DequantizeLinear" not in fast["ops"]
 
 
 def test_lm_head_int8(art, tmp_path):
     out, result = _quantized_copy(art, tmp_path, "int4", lm_head=True)
-    assert result.layers == LINEARS + 1 and result.lm_head
+    assert result.layers == LINEARS + 1 and result.matmuls == MATMULS + 1 and result.lm_head
     fast = wquant.fast_path(out / "llm.onnx")  # the head runs on MatMulNBits too (8 bits), next to the int4 layers
-    assert fast["matmulnbits"] == {4: LINEARS, 8: 1} and fast["unfused"] == [], fast
+    assert fast["matmulnbits"] == {4: MATMULS, 8: 1} and fast["unfused"] == [], fast
 
 
 def test_rms_norms_export_in_the_form_onnx_runtime_fuses(art):
@@ -144,7 +147,7 @@ def test_lint_weight_only_rules(quantized):
     int4 = onnx.load(str(quantized["int4"][0] / "llm.onnx"), load_external_data=False)
     assert not [f for f in lint_model(int8, "llm") if f.level == "error"]
     errors = [f for f in lint_model(int4, "llm") if f.level == "error"]
-    assert len(errors) == LINEARS and all("TensorRT >= 10.15" in f.message for f in errors)
+    assert len(errors) == MATMULS and all("TensorRT >= 10.15" in f.message for f in errors)
     assert not [f for f in lint_model(int4, "llm", tensorrt_version="10.15") if f.level == "error"]
     assert (required_tensorrt(int8), required_tensorrt(int4)) == ("10.1", "10.15")
     odd = onnx.load(str(quantized["int4"][0] / "llm.onnx"), load_external_data=False)

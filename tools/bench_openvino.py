@@ -129,8 +129,12 @@ def ov_model(ov_python: str, ckpt: Path, root: Path, weight_format: str) -> Path
     shutil.rmtree(tmp, ignore_errors=True)
     cli = str(Path(ov_python).parent / "optimum-cli")
     print(f"exporting {ckpt} with optimum-cli (--weight-format {weight_format}) ...", file=sys.stderr)
-    subprocess.run([cli, "export", "openvino", "--model", str(ckpt), "--task", "image-text-to-text",
-                    "--weight-format", weight_format, str(tmp)], check=True, stdout=subprocess.DEVNULL)
+    log = root / f"openvino-{weight_format}.export.log"
+    with open(log, "w") as f:  # optimum's tracer warnings: kept, not printed
+        rc = subprocess.run([cli, "export", "openvino", "--model", str(ckpt), "--task", "image-text-to-text",
+                             "--weight-format", weight_format, str(tmp)], stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc:
+        raise SystemExit(f"optimum-cli export failed (exit {rc}); its output is in {log}")
     tok = tmp / "tokenizer-for-openvino"
     tok.mkdir()
     spec = json.loads((ckpt / "tokenizer.json").read_text())
