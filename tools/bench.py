@@ -218,16 +218,9 @@ def report(results: dict, args, paired: dict | None = None) -> None:
         if q:
             print(f"  TTFT r1.0 {w} weights / fp32: {q['ttft_ms']:.0f} / {full['ttft_ms']:.0f} ms = "
                   f"{q['ttft_ms'] / full['ttft_ms']:.2f}x (target <= 1.0x): {'PASS' if q['ttft_ms'] <= full['ttft_ms'] else 'FAIL'}")
-    # issue 14's OpenVINO GenAI 2026.4 figures (int8 weights, same bench-size checkpoint, 2 threads, this machine class;
-    # measured by the issue's author, not here): TTFT 170 ms, decode 5.3 ms/token.
-    first = float(str(args.ratio).split(",")[0])  # the quantized-weight pool variant's ratio (main's variants)
-    w8, w4p = results.get("vtc none r1 wint8"), results.get(f"vtc pool r{first:g} wint4")
-    if w8:
-        print(f"  decode ms/token r1.0 int8 weights vs OpenVINO int8's 5.3: {w8['decode_ms']:.2f} "
-              f"(target <= 5.3): {'PASS' if w8['decode_ms'] <= 5.3 else 'FAIL'}")
-    if w4p:
-        print(f"  TTFT pool 0.25 int4 weights vs 60% of OpenVINO int8's 170 ms: {w4p['ttft_ms']:.0f} ms "
-              f"(target <= 102): {'PASS' if w4p['ttft_ms'] <= 102 else 'FAIL'}")
+    # issue 14's OpenVINO targets (int8 decode at or below OpenVINO int8's; int4 + pool 0.25 TTFT <= 60% of its TTFT)
+    # are judged against OpenVINO measured on this machine, interleaved: `make bench-openvino` (tools/bench_openvino.py).
+    print("  against OpenVINO GenAI on this machine: make bench-openvino")
     worst = max(r["overhead_pct"] for r in results.values() if "overhead_pct" in r)
     print(f"  runtime overhead outside ONNX Runtime, decode: max {worst:.2f}% (target < 3%): "
           f"{'PASS' if worst < 3 else 'FAIL'}")
