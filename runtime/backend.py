@@ -202,7 +202,8 @@ class OrtBackend:
         arena (which grows in power-of-two chunks): the memory-lean build's check, whose peak counts.
         `matmul_accuracy_level`: MatMulNBits' compute type for quantized weights (None: ORT's default, which
         quantizes activations to int8 where the CPU has VNNI; 1: float32, the build's parity check)."""
-        self.threads = check_threads(threads) or env_threads()
+        self.asked = check_threads(threads)  # given explicitly (VTC_THREADS is only a default)
+        self.threads = self.asked or env_threads()
         self.provider = provider
         self.memory_arena = memory_arena
         self.matmul_accuracy_level = matmul_accuracy_level
@@ -218,8 +219,8 @@ class OrtBackend:
         self.spin = "llm" in manifest.graphs
 
     def open(self, artifact_dir: Path, spec: GraphSpec) -> GraphSession:
-        if _SHARED_POOL and self.threads:
-            shared_thread_pool(self.threads)  # the same size as the shared pool, or a UsageError
+        if _SHARED_POOL and self.asked:
+            shared_thread_pool(self.asked)  # the same size as the shared pool, or a UsageError
         session = OrtSession(Path(artifact_dir) / spec.file, spec, self.threads, self.provider, self.spin,
                              self.memory_arena, self.matmul_accuracy_level)
         self.fallback = self.fallback or session.fallback
