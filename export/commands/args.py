@@ -217,7 +217,7 @@ class RuntimeBackendArgs:
         from vtc.runtime.backend import check_threads, env_threads, shared_thread_pool
 
         threads = check_threads(args.threads) or env_threads()  # 0 = VTC_THREADS, else ONNX Runtime's default
-        if os.environ.get("VTC_SHARED_POOL", "1") != "0":
+        if os.environ.get("VTC_SHARED_POOL", "1") != "0" and getattr(args, "backend", "onnxruntime") == "onnxruntime":
             shared_thread_pool(threads)
         return threads
 
