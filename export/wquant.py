@@ -437,7 +437,7 @@ def _quantize_linear(src: _Tensor, lin: Linear, dtype: str, group: int | None, o
 
 def _quantize_fused(name: str, srcs: list, lins: list, dtype: str, group: int | None, out: _Data, clips: list):
     """Sibling weights [K, N_i] (one input: q/k/v, gate/up), each quantized exactly as on its own, stored as one
-    [K, sum N_i] weight (concatenated along N, scales too): the same numbers, one MatMul (see fuse_siblings)."""
+    [K, sum N_i] weight (concatenated along N, scales too): the same numbers, one MatMul (_fuse_matmuls)."""
     qs, scales = [], []
     for src, lin, clip in zip(srcs, lins, clips):
         scale, chunks = _quantized_rows(src, lin, dtype, group, clip)
@@ -564,12 +564,14 @@ def _rewrite(path: Path, model, targets: dict, dtype: str, group: int | None, re
         result.clipped += clip is not None
         return clip
 
-    def count(lin, t, q_t, s_t, share: float = 1.0):
-        result.layers += 1
-        result.lm_head = result.lm_head or lin.head
-        result.bytes_before += lin.k * lin.n * np.dtype(np.uint16 if t.data_type in (10, 16) else np.float32).itemsize
-        result.bytes_after += round(share * sum(int(e.value) for x in (q_t, s_t) for e in x.external_data
-                                                if e.key == "length"))
+    def count(lins, t, q_t, s_t):
+        """The layers behind one stored weight (a fused group: several) and their bytes before and after."""
+        result.layers += len(lins)
+        result.matmuls += 1
+        result.lm_head = result.lm_head or any(li.head for li in lins)
+        item = np.dtype(np.uint16 if t.data_type in (10, 16) else np.float32).itemsize
+        result.bytes_before += sum(li.k * li.n for li in lins) * item
+        result.bytes_after += sum(int(e.value) for x in (q_t, s_t) for e in x.external_data if e.key == "length")
 
     try:
         out, inits, dq = _Data(Path(tmp_data), location), [], []
@@ -587,17 +589,13 @@ def _rewrite(path: Path, model, targets: dict, dtype: str, group: int | None, re
                                                      [clip_of(x, li) for x, li in zip(srcs, lins)])
                     inits += [q_t, s_t]
                     dq.append(node)
-                    total_n = sum(li.n for li in lins)
-                    for x, li in zip(srcs, lins):
-                        count(li, x.t, q_t, s_t, li.n / total_n)
-                    result.matmuls += 1
+                    count(lins, t, q_t, s_t)
                 elif lin is not None:
                     q_t, s_t, node = _quantize_linear(src, lin, "int8" if lin.head else dtype, None if lin.head else group,
                                                       out, clip_of(src, lin))
                     inits += [q_t, s_t]
                     dq.append(node)
-                    count(lin, t, q_t, s_t)
-                    result.matmuls += 1
+                    count([lin], t, q_t, s_t)
                 elif src.external:
                     offset = src.copy_to(out)
                     inits.append(out.tensor(t.name, t.data_type, t.dims, offset))

@@ -24,7 +24,6 @@ def sweep_args(model: Path, out: Path, **kw) -> sw.SweepArgs:
     return sw.SweepArgs(**{**base, **kw})
 
 
-
 class Interrupt(KeyboardInterrupt):
     pass
 

@@ -24,7 +24,6 @@ def sweep_args(model: Path, out: Path, **kw) -> sw.SweepArgs:
     return sw.SweepArgs(**{**base, **kw})
 
 
-
 def names(**kw) -> list[str]:
     return [v.name for v in sw.plan_variants(sweep_args(Path("m"), Path("out"), **kw))]
 

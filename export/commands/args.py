@@ -192,6 +192,16 @@ class EngineArgs:
         return dict(backend=args.backend, engine=self.given(args))
 
 
+def command_thread_pool(threads: int | None) -> None:
+    """A command that owns its process runs every ONNX Runtime session on one shared pool of `threads`
+    (vtc.runtime.backend.shared_thread_pool), unless VTC_SHARED_POOL=0 (per-session pools: the test suite, which
+    runs many commands in one process, or a comparison)."""
+    if os.environ.get("VTC_SHARED_POOL", "1") != "0":
+        from vtc.runtime.backend import shared_thread_pool
+
+        shared_thread_pool(threads)
+
+
 class RuntimeBackendArgs:
     """--threads, and with `with_backend` (run) --backend/--provider -> vtc.runtime.get_backend(...)."""
 
@@ -212,13 +222,12 @@ class RuntimeBackendArgs:
     def threads(args) -> int | None:
         """--threads checked against the usable cores (and VTC_THREADS too), before any work: None = default.
         The command owns its process, so its ONNX Runtime sessions share one pool of that size
-        (vtc.runtime.backend.shared_thread_pool), unless VTC_SHARED_POOL=0 (per-session pools: the test suite,
-        which runs many commands in one process, or a comparison)."""
-        from vtc.runtime.backend import check_threads, env_threads, shared_thread_pool
+        (command_thread_pool)."""
+        from vtc.runtime.backend import check_threads, env_threads
 
         threads = check_threads(args.threads) or env_threads()  # 0 = VTC_THREADS, else ONNX Runtime's default
-        if os.environ.get("VTC_SHARED_POOL", "1") != "0" and getattr(args, "backend", "onnxruntime") == "onnxruntime":
-            shared_thread_pool(threads)
+        if getattr(args, "backend", "onnxruntime") == "onnxruntime":
+            command_thread_pool(threads)
         return threads
 
     def parse(self, args):

@@ -50,6 +50,10 @@ def run(args) -> int:
         items, problems = ev.load_jsonl(Path(args.dataset), args.on_error, args.limit)
     if not items:
         _nothing_scored(args.dataset, [{"line": n, "message": m} for n, m in problems.lines])
+    from vtc.export.commands.args import command_thread_pool
+    from vtc.runtime.backend import env_threads
+
+    command_thread_pool(env_threads())  # this command owns its process (VTC_THREADS or ONNX Runtime's default)
     vlm = VLM(Path(args.artifact))
     with err.status(f"evaluating {len(items)} examples...") as status:
         report = ev.evaluate(vlm, items, problems, args.on_error, args.max_new_tokens,

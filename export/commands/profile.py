@@ -151,6 +151,7 @@ def _print_host(h: dict) -> None:
     libs = ", ".join(f"{k} {v}" for k, v in h["libraries"].items())
     out.print(f"host: {h['board'] + ' / ' if h['board'] else ''}{h['cpu']} ({h['cpu_count']['usable']} usable "
               f"cores), GPU: {gpus}")
+    pool = f" ({h['thread_pool']} pool)" if h.get("thread_pool") else ""
     out.print(f"backend: {h['backend']} {h['backend_version']}, provider {h['execution_provider']}, threads "
-              f"{h['threads']}" + (f" ({h['thread_pool']} pool)" if h.get("thread_pool") else "") + f"; nvpmodel {h['nvpmodel']}, jetson_clocks {h['jetson_clocks']}")
+              f"{h['threads']}{pool}; nvpmodel {h['nvpmodel']}, jetson_clocks {h['jetson_clocks']}")
     out.print(f"[dim]{libs}[/]")
