@@ -16,9 +16,11 @@ The DQ output keeps the weight's old tensor name, so the MatMul is untouched.
 
 The fast path, measured with onnxruntime 1.32 (CPU, ORT_ENABLE_EXTENDED or higher, the runtime's ALL):
 both forms fuse into one `MatMulNBits` node (com.microsoft, created by ORT at load time, never in the file):
-int4 blocked -> bits=4, block_size=g; int8 per-channel -> bits=8 (ORT re-blocks it, block_size=32). With
-ORT's default accuracy_level 4 the activations are quantized to int8 inside MatMulNBits (~0.5% relative
-error per MatMul on random data; level 0/1 is exact). `fast_path` reports the optimized graph.
+int4 blocked -> bits=4, block_size=g; int8 per-channel -> bits=8, re-blocked with the channel's scale
+repeated per block (ORT's default block 32; the runtime asks for its min-padding choice, <= 256:
+vtc.runtime.backend.PER_CHANNEL_BLOCK). With ORT's default accuracy_level 4 the activations are quantized to
+int8 per block inside MatMulNBits (~0.5% relative error per MatMul on random data; level 0/1 is exact).
+`fast_path` reports the optimized graph, opened with the runtime's settings.
 
 Memory: the graph is loaded without its weights; each initializer is read from the .data file by
 offset/length in row chunks (CHUNK_ELEMENTS), quantized and streamed to a new data file, so a 13 GB fp16
@@ -633,13 +635,15 @@ def _rewrite(path: Path, model, targets: dict, dtype: str, group: int | None, re
 # -- ONNX Runtime's fast path ----------------------------------------------------------------------
 def fast_path(path: Path) -> dict:
     """Open the graph in ONNX Runtime (CPU, the runtime's optimization level) and read back the optimized
-    graph: {"matmulnbits": {bits: count}, "unfused": [DequantizeLinear nodes still dequantizing an int
-    weight initializer], "ops": {op: count}}. A quantized MatMul that ORT did not fuse shows in `unfused`."""
+    graph: {"matmulnbits": {bits: count}, "block_sizes": {bits: [MatMulNBits block sizes]}, "unfused":
+    [DequantizeLinear nodes still dequantizing an int weight initializer], "ops": {op: count}}. A quantized MatMul that ORT did not fuse shows in `unfused`."""
     import collections
 
     import onnx
     import onnxruntime as ort
     from onnx import helper
+
+    from vtc.runtime.backend import quantized_weights_options
 
     with tempfile.TemporaryDirectory(prefix="vtc-ortopt-") as d:
         so = ort.SessionOptions()
@@ -647,16 +651,19 @@ def fast_path(path: Path) -> dict:
         so.log_severity_level = 3
         so.optimized_model_filepath = str(Path(d) / "opt.onnx")
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.onnx.data")
+        quantized_weights_options(so)
         # the runtime's session (vtc.runtime.backend.OrtSession) disables ClipQuantRewrite: so does this
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=["ClipQuantRewrite"])
         m = onnx.load(str(Path(d) / "opt.onnx"), load_external_data=False)
     int_inits = {t.name for t in m.graph.initializer if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.INT8)}
-    bits = collections.Counter()
+    bits, blocks = collections.Counter(), collections.defaultdict(set)
     for n in m.graph.node:
         if n.op_type == "MatMulNBits":
-            bits[next(helper.get_attribute_value(a) for a in n.attribute if a.name == "bits")] += 1
+            a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+            bits[a["bits"]] += 1
+            blocks[a["bits"]].add(a["block_size"])
     unfused = [n.name for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int_inits]
-    return {"matmulnbits": dict(bits), "unfused": unfused,
+    return {"matmulnbits": dict(bits), "block_sizes": {b: sorted(v) for b, v in blocks.items()}, "unfused": unfused,
             "ops": dict(collections.Counter(n.op_type for n in m.graph.node))}
 
 

@@ -17,6 +17,16 @@ from vtc.runtime.errors import BackendError, InputError, UsageError
 from vtc.runtime.manifest import GraphSpec
 
 ONNX_FLOAT8E4M3FN = 17  # onnx.TensorProto.FLOAT8E4M3FN (the runtime does not import onnx)
+# MatMulNBits' block size for weights quantized per output channel (build --weights int8, the int8 LM head).
+# ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits, whose weights are blocked along K; a
+# per-channel weight is re-blocked with its one scale repeated per block, so any block size computes the same
+# weight. ONNX Runtime's default re-blocks by 32 (one float32 scale per 32 int8 weights: 12.5% more bytes per
+# decode step); -1 is its own heuristic: the largest power of two <= 256 that pads K least (the weights' K
+# here: 1024 / 2816 / 4096 / 11008 -> 256). Measured on 2 cores (bench-size LLaVA int8, one decode step at
+# 673 cache entries, interleaved): 11.9 ms at 32, 10.3 at 128, 9.9 at 256. With accuracy level 4 the
+# activations are quantized to int8 per block, so the block also sets that granularity (see OrtBackend).
+# Blocked (int4) weights keep their own --group-size. Unknown to older ONNX Runtimes, which ignore it.
+PER_CHANNEL_BLOCK = "-1"
 
 
 class GraphSession:
@@ -74,17 +84,26 @@ def shared_thread_pool(threads: int | None) -> None:
     _SHARED_POOL.append(n)
 
 
+def quantized_weights_options(opts, accuracy_level: int | None = None, block_size: str = PER_CHANNEL_BLOCK) -> None:
+    """How ONNX Runtime runs quantized weights (MatMulNBits): `accuracy_level` (None: ORT's default, 4) and the
+    block size for per-channel weights (PER_CHANNEL_BLOCK). The runtime's sessions and the build's fast-path
+    check (vtc.export.wquant.fast_path) both take them from here."""
+    if accuracy_level is not None:
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    opts.add_session_config_entry("session.qdq_matmulnbits_block_size", str(block_size))
+
+
 class OrtSession(GraphSession):
     def __init__(self, path: Path, spec: GraphSpec, threads: int | None, provider: str = "cpu", spin: bool = True,
-                 memory_arena: bool = True, matmul_accuracy_level: int | None = None):
+                 memory_arena: bool = True, matmul_accuracy_level: int | None = None,
+                 matmul_block_size: str = PER_CHANNEL_BLOCK):
         super().__init__(spec)
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.enable_cpu_mem_arena = memory_arena  # see OrtBackend
-        if matmul_accuracy_level is not None:  # quantized weights (MatMulNBits): see OrtBackend
-            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(matmul_accuracy_level))
+        quantized_weights_options(opts, matmul_accuracy_level, matmul_block_size)
         if _SHARED_POOL:  # see shared_thread_pool; OrtBackend.open checked `threads` against its size
             opts.use_per_session_threads = False
         else:
@@ -197,16 +216,18 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, threads: int | None = None, provider: str = "cpu", memory_arena: bool = True,
-                 matmul_accuracy_level: int | None = None):
+                 matmul_accuracy_level: int | None = None, matmul_block_size: str = PER_CHANNEL_BLOCK):
         """`memory_arena=False`: activations are freed after each run instead of kept in ONNX Runtime's CPU
         arena (which grows in power-of-two chunks): the memory-lean build's check, whose peak counts.
         `matmul_accuracy_level`: MatMulNBits' compute type for quantized weights (None: ORT's default, which
-        quantizes activations to int8 where the CPU has VNNI; 1: float32, the build's parity check)."""
+        quantizes activations to int8 where the CPU has VNNI; 1: float32, the build's parity check).
+        `matmul_block_size`: MatMulNBits' block for per-channel int8 weights (PER_CHANNEL_BLOCK; "0" is ORT's 32)."""
         self.asked = check_threads(threads)  # given explicitly (VTC_THREADS is only a default)
         self.threads = self.asked or env_threads()
         self.provider = provider
         self.memory_arena = memory_arena
         self.matmul_accuracy_level = matmul_accuracy_level
+        self.matmul_block_size = matmul_block_size
         self.fallback: str | None = None  # why a session runs on another provider than asked
         self.spin = True
 
@@ -222,7 +243,7 @@ class OrtBackend:
         if _SHARED_POOL and self.asked:
             shared_thread_pool(self.asked)  # the same size as the shared pool, or a UsageError
         session = OrtSession(Path(artifact_dir) / spec.file, spec, self.threads, self.provider, self.spin,
-                             self.memory_arena, self.matmul_accuracy_level)
+                             self.memory_arena, self.matmul_accuracy_level, self.matmul_block_size)
         self.fallback = self.fallback or session.fallback
         return session
 

@@ -62,6 +62,9 @@ def test_every_linear_is_quantized_and_fused_by_onnx_runtime(quantized, dtype):
     fast = wquant.fast_path(out / "llm.onnx")  # what ONNX Runtime 1.32 runs after its graph optimizations
     assert fast["matmulnbits"] == {8 if dtype == "int8" else 4: MATMULS}, fast
     assert fast["unfused"] == [] and "DequantizeLinear" not in fast["ops"]
+    # int4 keeps --group-size; per-channel int8 runs in blocks of K (64 or 128 here), not ONNX Runtime's default
+    # 32 (vtc.runtime.backend.PER_CHANNEL_BLOCK: a 32-block carries a float32 scale per 32 weights)
+    assert fast["block_sizes"] == ({8: [64, 128]} if dtype == "int8" else {4: [GROUP]}), fast
 
 
 def test_lm_head_int8(art, tmp_path):
@@ -69,6 +72,7 @@ def test_lm_head_int8(art, tmp_path):
     assert result.layers == LINEARS + 1 and result.matmuls == MATMULS + 1 and result.lm_head
     fast = wquant.fast_path(out / "llm.onnx")  # the head runs on MatMulNBits too (8 bits), next to the int4 layers
     assert fast["matmulnbits"] == {4: MATMULS, 8: 1} and fast["unfused"] == [], fast
+    assert fast["block_sizes"] == {4: [GROUP], 8: [64]}, fast  # the head: per channel, K = hidden = 64
 
 
 def test_rms_norms_export_in_the_form_onnx_runtime_fuses(art):
