@@ -14,6 +14,12 @@ MIN_BUCKET, at most max_seq_len), the same for every layer (the graphs share one
 When a write needs more, all layers grow to the next bucket: one copy of the filled part per doubling
 (amortised O(1) per token), so a decode step costs what the context needs, within 2x, whatever
 --max-seq-len the artifact was built with. TensorRT's decode profile covers [MIN_BUCKET, max_seq_len].
+
+A generation's horizon: `VLM.generate` knows the most positions it can fill (prompt + max_new_tokens) and
+passes it to `reset`; a bucket is then also capped at that horizon rounded up to MIN_BUCKET, so a 590-token
+prompt with 32 new tokens decodes over 640 positions instead of 1024 (every step reads 37% less cache), and
+the capacity is set at prefill, so no copy happens mid-generation unless the power-of-two bucket is the
+smaller one. Without a horizon (the step-by-step API) the buckets are the powers of two.
 """
 
 from __future__ import annotations
@@ -48,11 +54,14 @@ def bfloat16() -> np.dtype:
 MIN_BUCKET = 64  # smallest decode capacity (positions); the build's decode profile starts here
 
 
-def bucket(need: int, max_len: int) -> int:
-    """The capacity for `need` filled positions: a power of two >= need, at least MIN_BUCKET, at most max_len."""
+def bucket(need: int, max_len: int, horizon: int | None = None) -> int:
+    """The capacity for `need` filled positions: a power of two >= need, at least MIN_BUCKET, at most max_len,
+    and at most `horizon` (the most this generation fills) rounded up to MIN_BUCKET, when need <= horizon."""
     c = MIN_BUCKET
     while c < need:
         c *= 2
+    if horizon is not None and need <= horizon:
+        c = min(c, -(-horizon // MIN_BUCKET) * MIN_BUCKET)
     return min(c, max_len)
 
 
@@ -63,6 +72,7 @@ class StaticKVCache:
         dtypes = [dtypes] * num_layers if isinstance(dtypes, str) else list(dtypes)
         self.dtypes = [storage_dtype(d) for d in dtypes]
         self.lengths = np.zeros(num_layers, dtype=np.int64)  # [L]
+        self.horizon: int | None = None  # the most positions the current generation fills (see `reset`)
         self._prefill_feeds = {}  # zero-length pasts, the same objects every prefill
         for i, dt in enumerate(self.dtypes):
             empty = np.zeros((1, num_kv_heads, 0, head_dim), dtype=dt)
@@ -81,6 +91,7 @@ class StaticKVCache:
                 n = int(self.lengths[i])
                 new[:, :, :, :n] = prev[:, :, :, :n]
         self.capacity = capacity
+        self.allocations = getattr(self, "allocations", 0) + 1  # which buffers the decode views belong to
         self._decode_feeds = {f"past_{kind}.{i}": layer[j] for i, layer in enumerate(self.layers)
                               for j, kind in enumerate(("key", "value"))}
 
@@ -90,7 +101,7 @@ class StaticKVCache:
             raise InputError(f"the KV cache is full ({self.max_len} positions).",
                              "Ask for fewer new tokens, or rebuild with a larger --max-seq-len.")
         if need > self.capacity:
-            self._allocate(bucket(need, self.max_len))
+            self._allocate(bucket(need, self.max_len, self.horizon))
     @property
     def num_layers(self) -> int:
         return len(self.layers)
@@ -103,9 +114,16 @@ class StaticKVCache:
         """Bytes of the valid entries (what the cache holds now), all layers."""
         return int(sum(layer[:, :, :, 0].nbytes * n for layer, n in zip(self.layers, self.lengths)))
 
-    def reset(self) -> None:
-        """A new prompt: nothing is filled (the capacity stays: a conversation of similar length reuses it)."""
+    def reset(self, need: int | None = None, horizon: int | None = None) -> None:
+        """A new prompt: nothing is filled. With `need` (the prompt's positions) the capacity becomes the
+        bucket for it under `horizon` (the most positions this generation fills; None: unknown), re-allocated
+        only if that differs from the current one (prompts of one length reuse it); without, it stays."""
         self.lengths[:] = 0
+        self.horizon = horizon
+        if need is not None:
+            want = bucket(need, self.max_len, horizon)
+            if want != self.capacity:
+                self._allocate(want)
 
     def past_feeds(self, empty: bool, layers: range | None = None) -> dict[str, np.ndarray]:
         """{past_key.i, past_value.i} for `layers` (default all): zero-length at prefill, full-length

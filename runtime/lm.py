@@ -58,7 +58,7 @@ class LanguageModel:
         step_pos = self.prefill_positions.decode_shape
         self._step = [self._feeds(seg, np.zeros((1, 1, d), _hidden_dtype(seg.session)), np.zeros(step_pos, np.int64), decode=True)
                       for seg in self.segments]
-        self._step_capacity = self.cache.capacity  # the cache bucket the decode views belong to
+        self._step_buffers = self.cache.allocations  # the cache buffers the decode views belong to
         self.position = 0
         self.last_pruned: Pruned | None = None
         self.last_select_ms = 0.0  # the in-LLM selection's own time at the last prefill
@@ -75,13 +75,14 @@ class LanguageModel:
             feeds["logits_index"] = np.zeros(1, np.int64) if logits_index is None else logits_index
         return feeds
 
-    def prefill(self, embeds: np.ndarray, image_start: int, kept=None) -> np.ndarray:
+    def prefill(self, embeds: np.ndarray, image_start: int, kept=None, max_new_tokens: int | None = None) -> np.ndarray:
         """embeds [1, T, D] -> last-position logits [V]; fills the cache (pruning in between if any). `kept` [K]:
         the grid index of each visual token (the vision graph's kept_index; None = all, in order), which
-        multimodal positions need (vtc.runtime.positions)."""
-        self.cache.reset()
-        self.last_pruned = None
+        multimodal positions need (vtc.runtime.positions). `max_new_tokens`: the most tokens the decode will
+        add, so the cache is sized for T + max_new_tokens positions (vtc.runtime.kv_cache's horizon)."""
         seq = embeds.shape[1]
+        self.cache.reset(seq, None if max_new_tokens is None else seq + max_new_tokens)
+        self.last_pruned = None
         if kept is None:
             kept = np.arange(self.c.n_visual if self.c.stage == "llm" else self.c.k_visual)
         hidden, pos = embeds, self.prefill_positions(seq, image_start, kept, self.c.grid)
@@ -115,10 +116,10 @@ class LanguageModel:
     def decode(self, token_embed: np.ndarray) -> np.ndarray:
         """token_embed [D] at the next position -> logits [V]."""
         self.cache.reserve(int(self.cache.lengths.max()) + 1)  # grow before the step, never inside it
-        if self._step_capacity != self.cache.capacity:  # grown: bind the new views (once per bucket)
+        if self._step_buffers != self.cache.allocations:  # re-allocated: bind the new views (once per bucket)
             for seg, feeds in zip(self.segments, self._step):
                 feeds.update(self.cache.past_feeds(empty=False, layers=range(seg.first, seg.end)))
-            self._step_capacity = self.cache.capacity
+            self._step_buffers = self.cache.allocations
         hidden = token_embed
         for seg, feeds in zip(self.segments, self._step):
             key = "inputs_embeds" if seg.first == 0 else "hidden_states"

@@ -151,9 +151,12 @@ class VLM:
         self.last_kept = kept[0]  # the positions of these tokens, for a prefill not given `kept`
         return embeds, kept, token_map
 
-    def prefill(self, prompt: Prompt, image_embeds: np.ndarray, kept: np.ndarray | None = None) -> np.ndarray:
+    def prefill(self, prompt: Prompt, image_embeds: np.ndarray, kept: np.ndarray | None = None,
+                max_new_tokens: int | None = None) -> np.ndarray:
         """Run the whole prompt once; fills the cache; returns last-position logits [V]. `kept` [K]: the vision
-        graph's kept_index of `image_embeds` (multimodal positions need it; default: the last `encode_image`'s)."""
+        graph's kept_index of `image_embeds` (multimodal positions need it; default: the last `encode_image`'s).
+        `max_new_tokens`: how many decode steps may follow, so the cache is sized for them (None: it grows in
+        powers of two)."""
         if self.lm is None:
             raise InputError("the language model's graphs are not open.", "Call VLM.open() first.")
         table = self.embed
@@ -166,7 +169,7 @@ class VLM:
             raise InputError(f"the prompt needs {embeds.shape[1]} cache positions; the cache has {self.cache.max_len}.",
                              "Rebuild with a larger --max-seq-len.")
         kept = getattr(self, "last_kept", None) if kept is None else kept
-        return self.lm.prefill(embeds, image_start=len(prompt.before), kept=kept)
+        return self.lm.prefill(embeds, image_start=len(prompt.before), kept=kept, max_new_tokens=max_new_tokens)
 
     def decode_step(self, token: int) -> np.ndarray:
         """Feed one token at the next position; returns its logits [V]."""
@@ -204,7 +207,7 @@ class VLM:
         sampler = Sampler(sampling)
         image_embeds, kept, token_map = encoded if encoded is not None else self.encode_image(pixel_values)
         t1 = time.perf_counter()
-        logits = self.prefill(prompt, image_embeds, kept[0])
+        logits = self.prefill(prompt, image_embeds, kept[0], max_new_tokens)
         t_prefill = time.perf_counter()
         token = sampler(logits)
         t2 = time.perf_counter()

@@ -1,6 +1,6 @@
 """The KV cache grows in capacity buckets, so decode reads what the context needs, not --max-seq-len
-(vtc.runtime.kv_cache): growth keeps every filled entry, and generation across bucket boundaries still
-equals the PyTorch reference token for token."""
+(vtc.runtime.kv_cache): growth keeps every filled entry, a generation's horizon (prompt + max_new_tokens)
+caps the buckets, and generation across bucket boundaries still equals the PyTorch reference token for token."""
 
 from __future__ import annotations
 
@@ -46,4 +46,48 @@ def test_generation_across_buckets_equals_the_reference(name, method, ratio, opt
     art = artifact_factory(name, method, None if method == "none" else ratio,
                            **({} if method == "none" else {"method_options": options}))
     out = check_against_reference(art, tiny_checkpoints[name], method, ratio, random_image(3), options, new_tokens=80)
-    assert out.vlm.cache.capacity == 256 and int(out.vlm.cache.lengths.max()) > 128
+    prompt = out.prompt.num_text + max(out.vlm.manifest.compression.kv_visual_per_layer)  # positions at prefill
+    horizon = prompt + 80  # generate_from sizes the cache for prompt + max_new_tokens (kv_cache's horizon)
+    assert prompt <= 128 < horizon - 1  # prefill in the 128 bucket, decode grows past it ...
+    assert out.vlm.cache.capacity == -(-horizon // MIN_BUCKET) * MIN_BUCKET < 256  # ... to the horizon, not to 256
+    assert int(out.vlm.cache.lengths.max()) == horizon - 1  # the last token is sampled, never fed
+
+
+def test_a_horizon_caps_the_buckets():
+    # a 600-position prompt with 32 new tokens: 640, not the power of two 1024
+    assert [bucket(600, 1000, h) for h in (600, 632, 641, 2000)] == [640, 640, 704, 1000]
+    assert bucket(100, 1000, 110) == 128 and bucket(100, 1000, 200) == 128  # the power of two when smaller
+    assert bucket(300, 1000, 250) == 512  # past the horizon (the step API's own decode): powers of two again
+    assert bucket(1, 1000, 1) == MIN_BUCKET and bucket(600, 620, 632) == 620  # never below 64, never above max_len
+
+
+def test_reset_sizes_the_cache_for_the_prompt_and_reuses_equal_buffers():
+    cache = StaticKVCache(num_layers=1, num_kv_heads=1, head_dim=2, max_len=2000)
+    cache.reset(600, 632)
+    assert cache.capacity == 640
+    buffers, views = cache.allocations, cache.past_feeds(empty=False)
+    cache.reset(610, 630)  # the same bucket: the same buffers, so the backend's bindings stay valid
+    assert cache.allocations == buffers and cache.past_feeds(empty=False) is views
+    cache.reset(600, 1100)  # a longer generation: the power of two, 1024 < 1152
+    assert cache.capacity == 1024 and cache.allocations == buffers + 1
+    cache.reset(100)  # no horizon (the step API): the prompt's power of two; the cache also shrinks
+    assert cache.capacity == 128 and cache.horizon is None and cache.allocations == buffers + 2
+
+
+def test_decode_rebinds_after_any_reallocation(artifact_factory):
+    """Decode bound at capacity A, the cache re-allocated to B with no decode step (here: reset for a 200-position
+    prompt), then A again in new buffers: the decode must feed the new buffers, not the views it bound first
+    (which belong to released buffers that still hold the first image's cache)."""
+    from vtc.runtime.pipeline import VLM
+
+    art = artifact_factory("mha-default", "none", None)
+    vlm = VLM(art)
+    prompt = vlm.prepare_prompt("what is this?")
+    first, second = vlm.prepare_image(random_image(5)), vlm.prepare_image(random_image(6))
+    vlm.generate_from(first, prompt, 12, ignore_eos=True)
+    capacity, buffers = vlm.cache.capacity, vlm.cache.allocations
+    vlm.cache.reset(200)
+    assert vlm.cache.capacity != capacity
+    got = vlm.generate_from(second, prompt, 12, ignore_eos=True).token_ids
+    assert vlm.cache.capacity == capacity and vlm.cache.allocations == buffers + 2
+    assert got == VLM(art).generate_from(second, prompt, 12, ignore_eos=True).token_ids
