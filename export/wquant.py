@@ -636,7 +636,8 @@ def _rewrite(path: Path, model, targets: dict, dtype: str, group: int | None, re
 def fast_path(path: Path) -> dict:
     """Open the graph in ONNX Runtime (CPU, the runtime's optimization level) and read back the optimized
     graph: {"matmulnbits": {bits: count}, "block_sizes": {bits: [MatMulNBits block sizes]}, "unfused":
-    [DequantizeLinear nodes still dequantizing an int weight initializer], "ops": {op: count}}. A quantized MatMul that ORT did not fuse shows in `unfused`."""
+    [DequantizeLinear nodes still dequantizing an int weight initializer], "ops": {op: count}}. A quantized
+    MatMul that ORT did not fuse shows in `unfused`."""
     import collections
 
     import onnx

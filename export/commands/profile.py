@@ -106,7 +106,7 @@ def _print_memory(m: dict) -> None:
     table = Table(title="memory", title_justify="left", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
-    table.add_row("KV cache allocated (max_seq_len)", mib(m["kv_cache_allocated_bytes"]))
+    table.add_row("KV cache allocated (capacity bucket)", mib(m["kv_cache_allocated_bytes"]))
     table.add_row("KV cache holding the prompt", mib(m["kv_cache_prompt_bytes"]))
     table.add_row("KV cache at the end of a run", mib(m["kv_cache_used_bytes"]))
     table.add_row("peak RSS (process, since start)", mib(m["peak_rss_bytes"]))
