@@ -147,8 +147,23 @@ def print_lint(console, report, verbose: bool = False) -> None:
     console.print(f"TensorRT {report.tensorrt_version} lint of {', '.join(report.graphs)}: {status}, "
                   f"{len(report.warnings)} warning(s) [dim](rules: {src['repository']} {src['path']} @ "
                   f"{src['commit'][:12]})[/]")
-    for f in report.findings if verbose else report.errors:
-        color = "red" if f.level == "error" else "yellow"
-        console.print(f"  [{color}]{f.level}[/] {f.line()}", highlight=False)
-        if verbose and f.source:
-            console.print(f"      [dim]source: {f.source}[/]", highlight=False)
+    if verbose:
+        for f in report.findings:
+            color = "red" if f.level == "error" else "yellow"
+            console.print(f"  [{color}]{f.level}[/] {f.line()}", highlight=False)
+            if f.source:
+                console.print(f"      [dim]source: {f.source}[/]", highlight=False)
+        return
+    # one line per distinct error (an int4 graph has the same finding on every quantized MatMul)
+    groups: dict[tuple, list] = {}
+    for f in report.errors:
+        groups.setdefault((f.graph, f.op, f.message), []).append(f.node)
+    for (graph, op, message), nodes in groups.items():
+        if len(nodes) == 1:
+            where = f"node {nodes[0]!r} ({op})"
+        else:
+            shown = ", ".join(repr(n) for n in nodes[:2])
+            where = f"{len(nodes)} {op} nodes ({shown}{', ...' if len(nodes) > 2 else ''})"
+        console.print(f"  [red]error[/] {graph}: {where}: {message}", highlight=False)
+    if any(len(n) > 1 for n in groups.values()):
+        console.print("  [dim]`vtc-export lint DIR` lists every node and the rule's source.[/]", highlight=False)

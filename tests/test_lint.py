@@ -210,3 +210,25 @@ def test_rules_file_cites_its_source():
     assert "3840" in data["operators"]["TopK"]["restrictions"]
     for op, rules in data["constraints"].items():
         assert all(r.get("source") for r in rules), op
+
+
+def test_the_build_summary_groups_repeated_findings():
+    """An int4 graph has the same finding on every quantized MatMul: the build prints it once with a count
+    (`vtc-export lint` still lists every node)."""
+    from rich.console import Console
+
+    from vtc.export.lint import Finding, LintReport
+    from vtc.export.report import print_lint
+
+    msg = "INT4 weights (DequantizeLinear, opset 21) need TensorRT >= 10.15; the target is TensorRT 10.1."
+    report = LintReport("10.1", {"repository": "r", "path": "p", "commit": "c" * 40}, ["llm"],
+                        [Finding("llm", f"w{i}.dq", "DequantizeLinear", "error", msg) for i in range(3)]
+                        + [Finding("llm", "nz", "NonZero", "error", "data-dependent shape.")])
+    console = Console(record=True, width=400)
+    print_lint(console, report)
+    lines = console.export_text().splitlines()
+    assert [ln for ln in lines if "TensorRT >= 10.15" in ln] == [
+        f"  error llm: 3 DequantizeLinear nodes ('w0.dq', 'w1.dq', ...): {msg}"]
+    assert "  error llm: node 'nz' (NonZero): data-dependent shape." in lines
+    print_lint(console := Console(record=True, width=400), report, verbose=True)
+    assert sum("TensorRT >= 10.15" in ln for ln in console.export_text().splitlines()) == 3
