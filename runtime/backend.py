@@ -84,6 +84,21 @@ def shared_thread_pool(threads: int | None) -> None:
     _SHARED_POOL.append(n)
 
 
+def check_block_size(block_size) -> str:
+    """A MatMulNBits block size for per-channel weights as ONNX Runtime takes it: -1 (its least-padding choice),
+    0 (its default, 32) or a power of two in [16, 256]. Checked here: ONNX Runtime refuses others only when a
+    session opens, with an error that names neither the setting nor the fix."""
+    try:
+        n = int(block_size)
+    except (TypeError, ValueError):
+        n = None
+    if n is None or not (n in (-1, 0) or (16 <= n <= 256 and n & (n - 1) == 0)):
+        raise UsageError(f"MatMulNBits block size {block_size!r} is not one ONNX Runtime takes.",
+                         "Use -1 (ONNX Runtime's least-padding choice, the default), 0 (its default 32) or a power "
+                         "of two from 16 to 256.")
+    return str(n)
+
+
 def quantized_weights_options(opts, accuracy_level: int | None = None, block_size: str = PER_CHANNEL_BLOCK) -> None:
     """How ONNX Runtime runs quantized weights (MatMulNBits): `accuracy_level` (None: ORT's default, 4) and the
     block size for per-channel weights (PER_CHANNEL_BLOCK). The runtime's sessions and the build's fast-path
@@ -227,7 +242,7 @@ class OrtBackend:
         self.provider = provider
         self.memory_arena = memory_arena
         self.matmul_accuracy_level = matmul_accuracy_level
-        self.matmul_block_size = matmul_block_size
+        self.matmul_block_size = check_block_size(matmul_block_size)
         self.fallback: str | None = None  # why a session runs on another provider than asked
         self.spin = True
 

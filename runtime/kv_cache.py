@@ -116,13 +116,15 @@ class StaticKVCache:
 
     def reset(self, need: int | None = None, horizon: int | None = None) -> None:
         """A new prompt: nothing is filled. With `need` (the prompt's positions) the capacity becomes the
-        bucket for it under `horizon` (the most positions this generation fills; None: unknown), re-allocated
-        only if that differs from the current one (prompts of one length reuse it); without, it stays."""
+        bucket for it under `horizon` (the most positions this generation fills; None: unknown). The current
+        buffers stay when they already hold that and are no larger than the prompt's power-of-two bucket, so
+        requests that alternate between nearby horizons do not re-allocate (and re-fault) the cache each time,
+        and no step reads more than it would without a horizon. Without `need` the capacity stays."""
         self.lengths[:] = 0
         self.horizon = horizon
         if need is not None:
             want = bucket(need, self.max_len, horizon)
-            if want != self.capacity:
+            if not want <= self.capacity <= bucket(need, self.max_len):
                 self._allocate(want)
 
     def past_feeds(self, empty: bool, layers: range | None = None) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vtc.runtime import positions, selectors
-from vtc.runtime.errors import ArtifactError
+from vtc.runtime.errors import ArtifactError, InputError
 from vtc.runtime.kv_cache import StaticKVCache
 
 
@@ -81,6 +81,8 @@ class LanguageModel:
         multimodal positions need (vtc.runtime.positions). `max_new_tokens`: the most tokens the decode will
         add, so the cache is sized for T + max_new_tokens positions (vtc.runtime.kv_cache's horizon)."""
         seq = embeds.shape[1]
+        if max_new_tokens is not None and max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be 0 or more (got {max_new_tokens}).", "Pass how many tokens may follow.")
         self.cache.reset(seq, None if max_new_tokens is None else seq + max_new_tokens)
         self.last_pruned = None
         if kept is None:

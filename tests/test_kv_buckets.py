@@ -61,17 +61,21 @@ def test_a_horizon_caps_the_buckets():
     assert bucket(1, 1000, 1) == MIN_BUCKET and bucket(600, 620, 632) == 620  # never below 64, never above max_len
 
 
-def test_reset_sizes_the_cache_for_the_prompt_and_reuses_equal_buffers():
+def test_reset_sizes_the_cache_for_the_prompt_and_reuses_buffers_that_fit():
     cache = StaticKVCache(num_layers=1, num_kv_heads=1, head_dim=2, max_len=2000)
     cache.reset(600, 632)
     assert cache.capacity == 640
     buffers, views = cache.allocations, cache.past_feeds(empty=False)
     cache.reset(610, 630)  # the same bucket: the same buffers, so the backend's bindings stay valid
     assert cache.allocations == buffers and cache.past_feeds(empty=False) is views
+    cache.reset(600, 700)  # a nearby, longer horizon: grows to 704 ...
+    assert cache.capacity == 704 and cache.allocations == buffers + 1
+    cache.reset(600, 632)  # ... and a shorter one keeps it (no re-allocation per request)
+    assert cache.capacity == 704 and cache.allocations == buffers + 1
     cache.reset(600, 1100)  # a longer generation: the power of two, 1024 < 1152
-    assert cache.capacity == 1024 and cache.allocations == buffers + 1
+    assert cache.capacity == 1024 and cache.allocations == buffers + 2
     cache.reset(100)  # no horizon (the step API): the prompt's power of two; the cache also shrinks
-    assert cache.capacity == 128 and cache.horizon is None and cache.allocations == buffers + 2
+    assert cache.capacity == 128 and cache.horizon is None and cache.allocations == buffers + 3
 
 
 def test_decode_rebinds_after_any_reallocation(artifact_factory):
@@ -91,3 +95,18 @@ def test_decode_rebinds_after_any_reallocation(artifact_factory):
     got = vlm.generate_from(second, prompt, 12, ignore_eos=True).token_ids
     assert vlm.cache.capacity == capacity and vlm.cache.allocations == buffers + 2
     assert got == VLM(art).generate_from(second, prompt, 12, ignore_eos=True).token_ids
+
+
+def test_bad_block_size_and_negative_horizon_are_refused_up_front(artifact_factory):
+    from vtc.runtime.backend import OrtBackend
+    from vtc.runtime.errors import InputError, UsageError
+    from vtc.runtime.pipeline import VLM
+
+    for bad in (48, 512, 8, "x", None):
+        with pytest.raises(UsageError, match="block size .* is not one ONNX Runtime takes"):
+            OrtBackend(matmul_block_size=bad)
+    assert [OrtBackend(matmul_block_size=b).matmul_block_size for b in (-1, 0, 16, "256")] == ["-1", "0", "16", "256"]
+    vlm = VLM(artifact_factory("mha-default", "none", None))
+    prompt, pixels = vlm.prepare_prompt("what is this?"), vlm.prepare_image(random_image(5))
+    with pytest.raises(InputError, match="max_new_tokens must be 0 or more"):
+        vlm.prefill(prompt, vlm.encode_image(pixels)[0], max_new_tokens=-1)
